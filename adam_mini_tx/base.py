@@ -1,0 +1,137 @@
+"""Core types of the functional API: transforms over ``dict[str, Tensor]``, ``chain`` and
+``apply_updates``.
+
+A :class:`GradientTransformation` is a pair of pure functions::
+
+    state = init(params)
+    updates, state = update(updates, state, params=None, grads=None)
+
+``update`` receives the updates produced so far in a chain and, as ``grads``, the raw gradient that
+entered the chain. Transforms that need the raw gradient (the blockwise second moment of
+Adam-mini, which must see ``g`` and not the momentum) read ``grads``; the others ignore it.
+States are NamedTuples of tensors (and dicts of tensors); step counts are 0-d tensors.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Any, Callable, Mapping, NamedTuple, Protocol, Union
+
+import torch
+
+Params = dict[str, torch.Tensor]
+Updates = dict[str, torch.Tensor]
+State = Any
+Schedule = Callable[[torch.Tensor], Union[float, torch.Tensor]]
+ScalarOrSchedule = Union[float, torch.Tensor, Schedule]
+
+
+class InitFn(Protocol):
+    def __call__(self, params: Params) -> State: ...
+
+
+class UpdateFn(Protocol):
+    def __call__(self, updates: Updates, state: State, params: Params | None = None,
+                 grads: Updates | None = None) -> tuple[Updates, State]: ...
+
+
+class GradientTransformation(NamedTuple):
+    """``init(params) -> state`` and ``update(updates, state, params, grads) -> (updates, state)``."""
+
+    init: InitFn
+    update: UpdateFn
+
+
+class EmptyState(NamedTuple):
+    """State of a stateless transform."""
+
+
+def identity() -> GradientTransformation:
+    """Leaves updates unchanged: ``u -> u``."""
+
+    def init(params: Params) -> EmptyState:
+        return EmptyState()
+
+    def update(updates, state, params=None, grads=None):
+        return updates, state
+
+    return GradientTransformation(init, update)
+
+
+def chain(*transforms: GradientTransformation) -> GradientTransformation:
+    """Apply ``transforms`` in order; each sees the previous output as ``updates`` and the
+    chain's input as ``grads``: ``u_k = T_k(u_{k-1}; grads=u_0)``."""
+
+    def init(params: Params) -> tuple:
+        return tuple(t.init(params) for t in transforms)
+
+    def update(updates, state, params=None, grads=None):
+        if len(state) != len(transforms):
+            raise ValueError(f"chain state has {len(state)} entries but the chain has "
+                             f"{len(transforms)} transforms: was it made by this chain's init?")
+        grads = updates if grads is None else grads
+        new_states = []
+        for transform, inner in zip(transforms, state):
+            updates, inner = transform.update(updates, inner, params, grads)
+            new_states.append(inner)
+        return updates, tuple(new_states)
+
+    return GradientTransformation(init, update)
+
+
+def apply_updates(params: Params, updates: Updates) -> Params:
+    """``p_new = p + u`` for every name, cast back to the parameter's dtype (bf16 params stay
+    bf16 even when the updates were computed in fp32). Returns a new dict; inputs are untouched."""
+    check_same_structure(params, updates, "updates", "params")
+    return {name: (p + updates[name].to(p.dtype)) for name, p in params.items()}
+
+
+# ----- validation shared by the transforms ---------------------------------------------------
+def check_same_structure(reference: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor],
+                         other_name: str, reference_name: str) -> None:
+    """Raise a ValueError naming the parameter if ``other`` lacks a key or has another shape."""
+    check_same_keys(reference, other, other_name, reference_name)
+    for name, ref in reference.items():
+        if tuple(other[name].shape) != tuple(ref.shape):
+            raise ValueError(f"parameter {name!r}: {other_name} has shape {tuple(other[name].shape)} "
+                             f"but {reference_name} has {tuple(ref.shape)}")
+
+
+def check_same_keys(reference: Mapping[str, Any], other: Mapping[str, Any], other_name: str,
+                    reference_name: str) -> None:
+    """Raise a ValueError listing the names that only one of the two mappings has."""
+    if other.keys() == reference.keys():
+        return
+    missing = [name for name in reference if name not in other]
+    extra = [name for name in other if name not in reference]
+    if missing or extra:
+        raise ValueError(f"{other_name} and {reference_name} have different keys: missing from "
+                         f"{other_name}: {missing[:5]}, not in {reference_name}: {extra[:5]}. Pass "
+                         f"one tensor per parameter, keyed by the parameter's name.")
+
+
+def check_number(name: str, value: Any, low: float, high: float | None = None, *,
+                 high_inclusive: bool = False) -> None:
+    """Validate a hyperparameter given as a Python number (tensors and schedules are checked
+    where their value is known, never by a host sync inside a traced step)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return
+    above = value > high if high_inclusive else value >= high if high is not None else False
+    if value < low or above:
+        bound = "" if high is None else (f", {high}]" if high_inclusive else f", {high})")
+        interval = f"[{low}{bound}" if high is not None else f">= {low}"
+        raise ValueError(f"invalid {name}={value}: it must be in {interval}")
+
+
+def check_betas(betas: Any) -> tuple[float, float]:
+    try:
+        beta1, beta2 = betas
+    except (TypeError, ValueError):
+        raise ValueError(f"invalid betas={betas!r}: pass a pair (beta1, beta2)") from None
+    check_number("betas[0]", beta1, 0.0, 1.0)
+    check_number("betas[1]", beta2, 0.0, 1.0)
+    return beta1, beta2
+
+
+def resolve(value: ScalarOrSchedule, count: torch.Tensor) -> float | torch.Tensor:
+    """A hyperparameter's value at step ``count``: the schedule's output, or the value itself."""
+    return value(count) if callable(value) else value

@@ -1,0 +1,275 @@
+"""The composable pieces of Adam-mini (and AdamW): pure transforms over ``dict[str, Tensor]``.
+
+Adam-mini is ``chain(momentum(b1), blockwise_mean_square(b2, plan), decay, scale_by_lr(lr))``:
+momentum consumes the raw gradient, and ``blockwise_mean_square`` computes its statistic from the
+raw gradient too (the chain hands every transform the gradient that entered it as ``grads``) and
+divides whatever reaches it. Put it *before* momentum and the same pieces give LaProp.
+"""
+from __future__ import annotations
+
+from typing import Callable, Mapping, NamedTuple, Union
+
+import torch
+
+from .base import (EmptyState, GradientTransformation, Params, ScalarOrSchedule, Updates,
+                   check_number, check_same_keys, check_same_structure, resolve)
+from .blocks import BlockLayout
+from .plan import BlockPlan, plan_blocks
+
+PlanLike = Union[BlockPlan, Mapping[str, BlockLayout],
+                 Callable[[Mapping[str, torch.Tensor]], Mapping[str, BlockLayout]], None]
+
+
+class MomentumState(NamedTuple):
+    count: torch.Tensor  # () int64, steps taken
+    mu: dict[str, torch.Tensor]  # each: the parameter's shape
+
+
+class SecondMomentState(NamedTuple):
+    count: torch.Tensor  # () int64, steps taken
+    nu: dict[str, torch.Tensor]  # each: its layout's v_shape (one value per block)
+
+
+class CountState(NamedTuple):
+    count: torch.Tensor  # () int64, steps taken (drives schedules)
+
+
+class PartitionState(NamedTuple):
+    inner: dict[str, object]  # label -> that transform's state
+
+
+def _zero_count() -> torch.Tensor:
+    return torch.zeros((), dtype=torch.int64)
+
+
+def _bias_correction(beta: float | torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """``1 - beta**t`` in float64, so that early steps (1 - 0.999 = 1e-3) keep full precision."""
+    beta = torch.as_tensor(beta, dtype=torch.float64)
+    return 1 - beta ** count.to(torch.float64)
+
+
+def _state_like(tensor: torch.Tensor, shape: tuple[int, ...] | None = None,
+                dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Zeros on ``tensor``'s device in ``dtype`` (default: the tensor's own dtype)."""
+    shape = tuple(tensor.shape) if shape is None else shape
+    return tensor.new_zeros(shape, dtype=dtype or tensor.dtype)
+
+
+def safe_sqrt(x: torch.Tensor) -> torch.Tensor:
+    """``sqrt(x)`` whose derivative at ``x = 0`` is 0 instead of ``inf`` (no NaN meta-gradients
+    through blocks whose gradient is exactly zero). Same forward values as ``torch.sqrt``."""
+    positive = x > 0
+    return torch.where(positive, torch.sqrt(torch.where(positive, x, torch.ones_like(x))),
+                       torch.zeros_like(x))
+
+
+def momentum(b1: float | torch.Tensor = 0.9, *, nesterov: bool = False,
+             bias_correction: bool = True,
+             state_dtype: torch.dtype | None = None) -> GradientTransformation:
+    """Exponential moving average of the raw gradient, bias-corrected.
+
+    ``m_t = b1 m_{t-1} + (1 - b1) g_t``;  output ``m_t / (1 - b1**t)``.
+    With ``nesterov=True`` the output looks one step ahead:
+    ``b1 m_t / (1 - b1**(t+1)) + (1 - b1) g_t / (1 - b1**t)``.
+    ``state_dtype`` stores ``m`` in another dtype (e.g. fp32 for bf16 params); default: the
+    parameter's dtype.
+    """
+    check_number("b1", b1, 0.0, 1.0)
+
+    def init(params: Params) -> MomentumState:
+        return MomentumState(_zero_count(), {n: _state_like(p, dtype=state_dtype)
+                                             for n, p in params.items()})
+
+    def update(updates, state, params=None, grads=None):
+        check_same_structure(state.mu, updates, "updates", "momentum state")
+        count = state.count + 1
+        mu = {name: m.lerp(updates[name].to(m.dtype), _as_weight(1 - b1, m))
+              for name, m in state.mu.items()}
+        if not bias_correction:
+            return dict(mu), MomentumState(count, mu)
+        correction = _bias_correction(b1, count)
+        if nesterov:
+            ahead = _bias_correction(b1, count + 1)
+            out = {name: (b1 * m / ahead).to(m.dtype) + ((1 - b1) * updates[name].to(m.dtype)
+                                                      / correction).to(m.dtype)
+                   for name, m in mu.items()}
+        else:
+            out = {name: m / correction.to(m.dtype) for name, m in mu.items()}
+        return out, MomentumState(count, mu)
+
+    return GradientTransformation(init, update)
+
+
+def _as_weight(weight: float | torch.Tensor, like: torch.Tensor) -> float | torch.Tensor:
+    return weight.to(like.dtype) if isinstance(weight, torch.Tensor) else weight
+
+
+class _Layouts:
+    """Resolves the block layout of every parameter, once per parameter structure."""
+
+    def __init__(self, plan: PlanLike, plan_kwargs: dict):
+        self._given = plan
+        self._plan_kwargs = plan_kwargs
+        self._cache: dict[tuple, Mapping[str, BlockLayout]] = {}
+
+    def __call__(self, tensors: Mapping[str, torch.Tensor]) -> Mapping[str, BlockLayout]:
+        key = tuple((name, tuple(t.shape)) for name, t in tensors.items())
+        layouts = self._cache.get(key)
+        if layouts is None:
+            layouts = self._resolve(tensors)
+            self._cache[key] = layouts
+        return layouts
+
+    def _resolve(self, tensors: Mapping[str, torch.Tensor]) -> Mapping[str, BlockLayout]:
+        if self._given is None:
+            return plan_blocks(dict(tensors), **self._plan_kwargs).layouts()
+        if isinstance(self._given, BlockPlan):
+            given = self._given.layouts()
+        elif callable(self._given):
+            given = self._given(tensors)
+        else:
+            given = self._given
+        layouts = {}
+        for name, tensor in tensors.items():
+            if name not in given:
+                raise ValueError(f"parameter {name!r} is not covered by the block plan; build "
+                                 f"the plan from the same model or add a rule for it")
+            layout = given[name]
+            if tuple(layout.shape) != tuple(tensor.shape):
+                raise ValueError(f"parameter {name!r} has shape {tuple(tensor.shape)} but the "
+                                 f"block plan was made for {tuple(layout.shape)}; rebuild the plan")
+            layouts[name] = layout
+        return layouts
+
+
+def blockwise_mean_square(b2: float | torch.Tensor = 0.999, plan: PlanLike = None, *,
+                          eps: float | torch.Tensor = 1e-8, eps_root: float = 0.0,
+                          state_dtype: torch.dtype | None = None,
+                          **plan_kwargs) -> GradientTransformation:
+    """Divide the incoming updates by the root of a blockwise EMA of the raw gradient's square.
+
+    For every block ``b`` of the plan (a head, a neuron, a token, a whole norm, one element):
+    ``v_b = b2 v_b + (1 - b2) mean_{i in b} g_i**2``, and the output is
+    ``u_i / (sqrt(v_b / (1 - b2**t) + eps_root) + eps)`` for every ``i in b``.
+    ``g`` is the raw gradient that entered the chain; ``u`` is what reaches this transform (the
+    momentum, in Adam-mini). State: one scalar per block. ``plan=None`` plans the blocks from the
+    parameter names and shapes (``plan_kwargs`` such as ``n_heads`` go to :func:`plan_blocks`).
+    """
+    check_number("b2", b2, 0.0, 1.0)
+    check_number("eps", eps, 0.0)
+    check_number("eps_root", eps_root, 0.0)
+    layouts_of = _Layouts(plan, plan_kwargs)
+
+    def init(params: Params) -> SecondMomentState:
+        layouts = layouts_of(params)
+        return SecondMomentState(_zero_count(), {
+            name: _state_like(p, layouts[name].v_shape, state_dtype) for name, p in params.items()})
+
+    def update(updates, state, params=None, grads=None):
+        grads = updates if grads is None else grads
+        check_same_keys(state.nu, updates, "updates", "second-moment state")
+        check_same_structure(updates, grads, "grads", "updates")
+        layouts = layouts_of(grads)
+        count = state.count + 1
+        correction = _bias_correction(b2, count)
+        nu, out = {}, {}
+        for name, v in state.nu.items():
+            layout = layouts[name]
+            g = grads[name].to(v.dtype)
+            v = v * _as_weight(b2, v) + layout.mean_square(g) * _as_weight(1 - b2, v)
+            nu[name] = v
+            denominator = safe_sqrt(v / correction.to(v.dtype) + eps_root) + _as_weight(eps, v)
+            out[name] = updates[name].to(v.dtype) / layout.expand(denominator)
+        return out, SecondMomentState(count, nu)
+
+    return GradientTransformation(init, update)
+
+
+def decoupled_decay(weight_decay: ScalarOrSchedule = 1e-2) -> GradientTransformation:
+    """Decoupled weight decay (AdamW): ``u + wd_t * p``. Chained before ``scale_by_lr(lr)`` it
+    gives ``p <- p - lr (u + wd p)``, i.e. torch's ``p *= 1 - lr*wd``. ``weight_decay`` may be a
+    float, a 0-d tensor or a schedule ``count -> value``. Restrict it to some parameters with
+    :func:`partition`."""
+    check_number("weight_decay", weight_decay, 0.0)
+
+    def init(params: Params) -> CountState:
+        return CountState(_zero_count())
+
+    def update(updates, state, params=None, grads=None):
+        if params is None:
+            raise ValueError("decoupled_decay needs params: call update(grads, state, params)")
+        check_same_structure(updates, params, "params", "updates")
+        count = state.count + 1
+        wd = resolve(weight_decay, count)
+        out = {name: u + _as_weight(wd, u) * params[name].to(u.dtype) for name, u in updates.items()}
+        return out, CountState(count)
+
+    return GradientTransformation(init, update)
+
+
+def scale_by_lr(lr: ScalarOrSchedule = 1e-3) -> GradientTransformation:
+    """``u -> -lr_t * u``. ``lr`` is a float, a 0-d tensor (change it in place: a compiled step
+    does not recompile) or a schedule ``count -> value`` evaluated at the 1-based step count."""
+    check_number("lr", lr, 0.0)
+
+    def init(params: Params) -> CountState:
+        return CountState(_zero_count())
+
+    def update(updates, state, params=None, grads=None):
+        count = state.count + 1
+        rate = resolve(lr, count)
+        return {name: u * _as_weight(-rate, u) for name, u in updates.items()}, CountState(count)
+
+    return GradientTransformation(init, update)
+
+
+Labeler = Union[Mapping[str, str], Callable[[str, torch.Tensor], str]]
+
+
+def partition(transforms: Mapping[str, GradientTransformation],
+              labels: Labeler) -> GradientTransformation:
+    """Route each parameter to the transform of its label: ``u_n -> T_{label(n)}(u_n)``.
+
+    ``labels`` is a dict ``name -> label`` or a function ``(name, tensor) -> label``. Each inner
+    transform sees only its own parameters (updates, params and grads alike). This is how masks
+    are expressed: ``partition({"decay": decoupled_decay(wd), "no_decay": identity()}, ...)``.
+    """
+
+    def label_of(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
+        out = {}
+        for name, tensor in tensors.items():
+            label = labels(name, tensor) if callable(labels) else labels.get(name)
+            if label not in transforms:
+                raise ValueError(f"parameter {name!r} has label {label!r}, which is not one of "
+                                 f"the partition's transforms {sorted(transforms)}")
+            out[name] = label
+        return out
+
+    def select(tensors: Mapping[str, torch.Tensor] | None, names: list[str]):
+        return None if tensors is None else {name: tensors[name] for name in names}
+
+    def groups(tensors: Mapping[str, torch.Tensor]) -> dict[str, list[str]]:
+        by_label = {label: [] for label in transforms}
+        for name, label in label_of(tensors).items():
+            by_label[label].append(name)
+        return by_label
+
+    def init(params: Params) -> PartitionState:
+        return PartitionState({label: transforms[label].init(select(params, names))
+                               for label, names in groups(params).items()})
+
+    def update(updates, state, params=None, grads=None):
+        out, inner = {}, {}
+        for label, names in groups(params if params is not None else updates).items():
+            new, inner[label] = transforms[label].update(
+                select(updates, names), state.inner[label], select(params, names),
+                select(grads, names))
+            out.update(new)
+        return {name: out[name] for name in updates}, PartitionState(inner)
+
+    return GradientTransformation(init, update)
+
+
+__all__ = ["momentum", "blockwise_mean_square", "decoupled_decay", "scale_by_lr", "partition",
+           "safe_sqrt", "MomentumState", "SecondMomentState", "CountState", "PartitionState",
+           "EmptyState", "Updates"]
