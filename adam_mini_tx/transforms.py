@@ -178,11 +178,19 @@ def blockwise_mean_square(b2: float | torch.Tensor = 0.999, plan: PlanLike = Non
             g = grads[name].to(v.dtype)
             v = v * _as_weight(b2, v) + layout.mean_square(g) * _as_weight(1 - b2, v)
             nu[name] = v
-            denominator = safe_sqrt(v / correction.to(v.dtype) + eps_root) + _as_weight(eps, v)
+            denominator = _root_of_corrected(v, correction, eps_root) + _as_weight(eps, v)
             out[name] = updates[name].to(v.dtype) / layout.expand(denominator)
         return out, SecondMomentState(count, nu)
 
     return GradientTransformation(init, update)
+
+
+def _root_of_corrected(v: torch.Tensor, correction: torch.Tensor, eps_root: float) -> torch.Tensor:
+    """``sqrt(v / c + eps_root)``, computed as ``sqrt(v + eps_root c) / sqrt(c)`` (torch.optim's
+    rounding order, so that elementwise blocks reproduce torch.optim.AdamW to the last bits)."""
+    if eps_root:
+        v = v + eps_root * correction.to(v.dtype)
+    return safe_sqrt(v) / correction.sqrt().to(v.dtype)
 
 
 def decoupled_decay(weight_decay: ScalarOrSchedule = 1e-2) -> GradientTransformation:
