@@ -1,6 +1,8 @@
 """adam_mini_tx: Adam-mini as composable, pure PyTorch transforms (plus a torch.optim wrapper)."""
 from .alias import adam_mini, adamw, decay_matrices_only, elementwise_plan
 from .base import GradientTransformation, apply_updates, chain, identity
+from .compat import Adam_mini
+from .optim import AdamMini
 from .blocks import BlockLayout, elementwise, fused_rows, per_head, per_row, single_block
 from .plan import BlockPlan, ParamBlocks, plan_blocks
 from .transforms import (blockwise_mean_square, decoupled_decay, momentum, partition, safe_sqrt,
@@ -9,6 +11,7 @@ from .transforms import (blockwise_mean_square, decoupled_decay, momentum, parti
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdamMini", "Adam_mini",
     "adam_mini", "adamw", "decay_matrices_only", "elementwise_plan",
     "GradientTransformation", "apply_updates", "chain", "identity",
     "BlockLayout", "elementwise", "fused_rows", "per_head", "per_row", "single_block",

@@ -4,9 +4,10 @@ from __future__ import annotations
 import torch
 
 from . import blocks
-from .base import GradientTransformation, ScalarOrSchedule, check_betas, check_number, chain, identity
-from .transforms import (PlanLike, blockwise_mean_square, decoupled_decay, momentum, partition,
-                         scale_by_lr)
+from .base import (EmptyState, GradientTransformation, ScalarOrSchedule, chain, check_betas,
+                   check_number, identity)
+from .transforms import (CountState, MomentumState, PartitionState, PlanLike, SecondMomentState,
+                         blockwise_mean_square, decoupled_decay, momentum, partition, scale_by_lr)
 
 
 def decay_matrices_only(name: str, tensor: torch.Tensor) -> str:
@@ -18,14 +19,20 @@ def adam_mini(lr: ScalarOrSchedule = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8
               weight_decay: ScalarOrSchedule = 0.0, *, plan: PlanLike = None,
               dim: int | None = None, n_heads: int | None = None, n_kv_heads: int | None = None,
               eps_root: float = 0.0, state_dtype: torch.dtype | None = None,
-              decay_mask=decay_matrices_only) -> GradientTransformation:
+              decay_mask="matrices") -> GradientTransformation:
     """Adam-mini (Zhang et al. 2024, Algorithm 1): Adam with one second moment per block.
 
     ``m = b1 m + (1-b1) g``;  ``v_b = b2 v_b + (1-b2) mean_b(g*g)``;
     ``p -= lr (m_hat / (sqrt(v_hat_b) + eps) + wd p)`` with bias-corrected ``m_hat, v_hat``.
     Blocks come from ``plan`` (or are planned from names/shapes with ``n_heads``/``n_kv_heads``).
-    Weight decay applies where ``decay_mask(name, tensor) == "decay"``: >= 2-D tensors by default.
+    Weight decay applies where ``decay_mask(name, tensor) == "decay"``; a string names one of
+    :data:`DECAY_MASKS` (default ``"matrices"``: tensors with >= 2 dims, like the official package).
     """
+    if isinstance(decay_mask, str):
+        if decay_mask not in DECAY_MASKS:
+            raise ValueError(f"invalid decay_mask={decay_mask!r}: use one of {sorted(DECAY_MASKS)} "
+                             f"or a function (name, tensor) -> 'decay' | 'no_decay'")
+        decay_mask = DECAY_MASKS[decay_mask]
     beta1, beta2 = check_betas(betas)
     return chain(
         momentum(beta1, state_dtype=state_dtype),
@@ -56,3 +63,31 @@ def adamw(lr: ScalarOrSchedule = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
         decoupled_decay(weight_decay),
         scale_by_lr(lr),
     )
+
+
+DECAY_MASKS = {
+    "matrices": decay_matrices_only,
+    "all": lambda name, tensor: "decay",
+    "official": lambda name, tensor: "no_decay" if any(
+        key in name.lower() for key in ("norm", "ln", "bias")) else "decay",
+}
+"""Named weight-decay masks: tensors with >= 2 dims (the default), every tensor (AdamW), or the
+official package's rule (no decay where the lower-cased name contains norm, ln or bias)."""
+
+
+def adam_mini_slots(state: tuple, name: str) -> dict[str, torch.Tensor]:
+    """The per-parameter view of an :func:`adam_mini` state: ``{"step", "m", "v"}``.
+
+    ``step`` is the shared 0-d step count, ``m`` the first moment (parameter shape) and ``v`` the
+    blockwise second moment (the layout's ``v_shape``). These are the stable, documented keys of
+    :class:`~adam_mini_tx.AdamMini`'s ``state_dict``."""
+    moment, second, _, _ = state
+    return {"step": moment.count, "m": moment.mu[name], "v": second.nu[name]}
+
+
+def adam_mini_state_from_slots(slots: dict[str, torch.Tensor], name: str) -> tuple:
+    """Inverse of :func:`adam_mini_slots` for a one-parameter :func:`adam_mini` chain."""
+    step = slots["step"]
+    return (MomentumState(step, {name: slots["m"]}), SecondMomentState(step, {name: slots["v"]}),
+            PartitionState({"decay": CountState(step), "no_decay": EmptyState()}),
+            CountState(step))

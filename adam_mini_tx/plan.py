@@ -92,6 +92,10 @@ class BlockPlan(Mapping[str, ParamBlocks]):
     def __len__(self) -> int:
         return len(self.entries)
 
+    def merged(self, other: "BlockPlan") -> "BlockPlan":
+        """This plan followed by the entries of ``other`` it does not have yet."""
+        return BlockPlan(self.entries + tuple(e for e in other.entries if e.name not in self))
+
     def layouts(self) -> dict[str, BlockLayout]:
         return {entry.name: entry.layout for entry in self.entries}
 
