@@ -1,0 +1,170 @@
+"""Train the demo GPT with several optimizers at identical settings and compare them."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from ..optim import AdamMini
+from .data import Corpus, load_corpus, sample_batch
+from .model import GPT, GPTConfig
+
+OPTIMIZERS = ("adamw", "adam_mini")
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    steps: int = 600
+    size: str = "tiny"
+    optimizers: tuple[str, ...] = OPTIMIZERS
+    seed: int = 0
+    device: str = "auto"
+    batch: int = 16
+    seq: int = 128
+    lr: float = 3e-3
+    warmup: int = 40
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eval_every: int = 100
+    eval_batches: int = 8
+    max_chars: int = 2_000_000
+
+
+@dataclass
+class RunResult:
+    train_loss: float
+    val_loss: float
+    state_bytes: int
+    step_ms: float
+    train_step_ms: float
+    curve: list = field(default_factory=list)  # (step, train loss)
+    val_curve: list = field(default_factory=list)  # (step, val loss)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def make_optimizer(name: str, model: GPT, cfg: DemoConfig) -> torch.optim.Optimizer:
+    """Both optimizers get the same lr, betas, eps and weight decay, and both decay only
+    tensors with >= 2 dims (norm weights are not decayed)."""
+    common = dict(lr=cfg.lr, betas=cfg.betas, eps=1e-8)
+    if name == "adamw":
+        named = list(model.named_parameters())
+        groups = [{"params": [p for _, p in named if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+                  {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, **common)
+    if name == "adam_mini":
+        return AdamMini(model.named_parameters(), weight_decay=cfg.weight_decay,
+                        n_heads=model.config.n_heads, n_kv_heads=model.config.n_kv_heads, **common)
+    raise ValueError(f"unknown optimizer {name!r}; choose from {OPTIMIZERS}")
+
+
+def warmup_cosine(cfg: DemoConfig):
+    def factor(step: int) -> float:
+        if step < cfg.warmup:
+            return (step + 1) / cfg.warmup
+        progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return factor
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    return sum(t.numel() * t.element_size() for state in optimizer.state.values()
+               for t in state.values() if isinstance(t, torch.Tensor))
+
+
+@torch.no_grad()
+def evaluate(model: GPT, corpus: Corpus, cfg: DemoConfig, device: torch.device) -> float:
+    gen = torch.Generator().manual_seed(1234)  # the same validation windows every time
+    model.eval()
+    losses = [model.loss(sample_batch(corpus.val, cfg.batch, cfg.seq, gen, device)).item()
+              for _ in range(cfg.eval_batches)]
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def run_one(name: str, cfg: DemoConfig, corpus: Corpus, progress: bool = True) -> RunResult:
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)  # identical initial weights for every optimizer
+    model = GPT(GPTConfig.named(cfg.size, len(corpus.vocab), cfg.seq)).to(device)
+    optimizer = make_optimizer(name, model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg))
+    batches = torch.Generator().manual_seed(cfg.seed + 1)  # identical data order
+    curve, val_curve, opt_times, step_times = [], [], [], []
+    steps = range(cfg.steps)
+    if progress:
+        from tqdm import tqdm
+        steps = tqdm(steps, desc=f"{name:>9}", unit="step", leave=True)
+    for step in steps:
+        start = time.perf_counter()
+        loss = model.loss(sample_batch(corpus.train, cfg.batch, cfg.seq, batches, device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        _sync(device)
+        opt_start = time.perf_counter()
+        optimizer.step()
+        _sync(device)
+        opt_times.append(time.perf_counter() - opt_start)
+        scheduler.step()
+        step_times.append(time.perf_counter() - start)
+        curve.append((step + 1, loss.item()))
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            val_curve.append((step + 1, evaluate(model, corpus, cfg, device)))
+            if progress:
+                steps.set_postfix(loss=f"{curve[-1][1]:.3f}", val=f"{val_curve[-1][1]:.3f}")
+    tail = [loss for _, loss in curve[-max(1, cfg.steps // 10):]]
+    return RunResult(train_loss=sum(tail) / len(tail), val_loss=val_curve[-1][1],
+                     state_bytes=state_bytes(optimizer), step_ms=1e3 * _median(opt_times),
+                     train_step_ms=1e3 * _median(step_times), curve=curve, val_curve=val_curve)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
+
+
+def run_demo(cfg: DemoConfig, out_dir: str, progress: bool = True) -> dict:
+    """Train every optimizer in ``cfg.optimizers``; write results.json and loss_and_memory.png
+    into ``out_dir``; return the results."""
+    corpus = load_corpus(cfg.max_chars)
+    results = {name: run_one(name, cfg, corpus, progress) for name in cfg.optimizers}
+    os.makedirs(out_dir, exist_ok=True)
+    payload = {name: {"val_loss": r.val_loss, "train_loss": r.train_loss,
+                      "state_bytes": r.state_bytes, "step_ms": r.step_ms,
+                      "train_step_ms": r.train_step_ms, "val_curve": r.val_curve}
+               for name, r in results.items()}
+    payload["config"] = asdict(cfg)
+    payload["data"] = {"source": corpus.source, "credit": corpus.credit,
+                       "train_tokens": len(corpus.train), "val_tokens": len(corpus.val)}
+    write_atomic(os.path.join(out_dir, "results.json"), json.dumps(payload, indent=2).encode())
+    from .report import plot
+    plot(results, os.path.join(out_dir, "loss_and_memory.png"))
+    return {"results": results, "corpus": corpus, "payload": payload}
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
