@@ -152,16 +152,26 @@ def single_block(shape: Sequence[int]) -> BlockLayout:
     return BlockLayout(shape, _identity(len(shape)), 0, ((1, 1),), "whole tensor")
 
 
-def per_row(shape: Sequence[int], *, row_dims: int = 1, transposed: bool = False) -> BlockLayout:
+def per_row(shape: Sequence[int], *, row_dims: int = 1, transposed: bool = False,
+            axis: int = 0) -> BlockLayout:
     """One block per row: an output neuron of a (out, in) weight, a token of an embedding, an
     output channel of a conv, an (expert, neuron) pair of a 3-D expert weight (``row_dims=2``).
-    ``transposed=True`` reads a 2-D (in, out) weight (HF ``Conv1D``) by its columns."""
+    ``transposed=True`` reads a 2-D (in, out) weight (HF ``Conv1D``) by its columns; ``axis``
+    names the row axis in general (1 for a ``ConvTranspose`` weight (in, out, ...))."""
     shape = _shape(shape)
     if transposed:
         _require_2d(shape, "a transposed (in, out) layout")
-        return BlockLayout(shape, (1, 0), 1, ((1, shape[1]),), "i o -> o")
-    perm = _identity(len(shape))
-    layout = BlockLayout(shape, perm, row_dims, ((1, math.prod(shape[:row_dims])),), "")
+        axis = 1
+    if not 0 <= axis < max(len(shape), 1):
+        raise ValueError(f"row axis {axis} is out of range for shape {shape}")
+    if axis:
+        perm = (axis, *[a for a in range(len(shape)) if a != axis])
+        axes = _axes(len(shape)).split()
+        axes[0], axes[axis] = axes[axis], axes[0]
+        return BlockLayout(shape, perm, 1, ((1, shape[axis]),), f"{' '.join(axes)} -> {axes[axis]}"
+                           if not transposed else "i o -> o")
+    layout = BlockLayout(shape, _identity(len(shape)), row_dims,
+                         ((1, math.prod(shape[:row_dims])),), "")
     return _with_pattern(layout, _row_pattern(len(shape), row_dims))
 
 
@@ -172,20 +182,32 @@ def per_head(shape: Sequence[int], n_heads: int, *, transposed: bool = False) ->
 
 
 def fused_rows(shape: Sequence[int], segments: Sequence[tuple[str, int]], *,
-               transposed: bool = False, rows_per_segment: Sequence[int] | None = None) -> BlockLayout:
-    """Rows stacked as consecutive segments (fused ``[q | k | v]``), each segment cut into
-    ``n`` equal blocks: ``("h", n_heads)`` for heads, ``("o", rows)`` for one block per row.
+               transposed: bool = False, rows_per_segment: Sequence[int] | None = None,
+               repeat: int = 1) -> BlockLayout:
+    """Rows stacked as consecutive segments, each cut into ``n`` equal blocks: ``("h", n_heads)``
+    for heads, ``("o", rows)`` for one block per row.
 
-    ``rows_per_segment`` gives each segment's row count; by default the rows are split evenly."""
+    Stacked ``[q | k | v]``: one pass over the segments. Interleaved layouts repeat the segment
+    pattern ``repeat`` times: per head ``[q_h k_h v_h]`` (GPT-NeoX, BLOOM) or per KV group
+    ``[q_g1..q_gn k_g v_g]`` (Falcon). ``rows_per_segment`` gives each segment's rows within one
+    repetition; by default the rows are split evenly."""
     shape = _shape(shape)
     if transposed:
         _require_2d(shape, "a transposed (in, out) layout")
     perm = (1, 0) if transposed else _identity(len(shape))
     num_rows = shape[perm[0]] if shape else 1
+    if repeat < 1 or num_rows % repeat:
+        raise ValueError(f"{num_rows} rows cannot be split into {repeat} equal repetitions "
+                         f"(check n_heads / n_kv_heads)")
+    rows_per_repeat = num_rows // repeat
     if rows_per_segment is None:
-        if num_rows % len(segments):
-            raise ValueError(f"{num_rows} rows cannot be split evenly into {len(segments)} segments")
-        rows_per_segment = [num_rows // len(segments)] * len(segments)
+        if rows_per_repeat % len(segments):
+            raise ValueError(f"{rows_per_repeat} rows cannot be split evenly into {len(segments)} "
+                             f"segments")
+        rows_per_segment = [rows_per_repeat // len(segments)] * len(segments)
+    if sum(rows_per_segment) != rows_per_repeat:
+        raise ValueError(f"segments cover {sum(rows_per_segment)} rows, but each repetition has "
+                         f"{rows_per_repeat} (check n_heads / n_kv_heads / head_dim)")
     runs, labels = [], []
     for (label, count), rows in zip(segments, rows_per_segment):
         if count <= 0 or rows % count:
@@ -194,14 +216,13 @@ def fused_rows(shape: Sequence[int], segments: Sequence[tuple[str, int]], *,
         runs.append((rows // count, count))
         labels.append(f"{label}={count}" if rows // count > 1 else f"{label}={count} rows")
     inner = "i o" if transposed else _axes(len(shape))
-    if len(runs) == 1 and runs[0][0] > 1:
-        rows_axis = "(h d)" if not transposed else "o"
-        pattern = (f"i (h d) -> h" if transposed else
-                   f"{' '.join([rows_axis] + _axes(len(shape)).split()[1:])} -> h") + \
+    if len(runs) == 1 and runs[0][0] > 1 and repeat == 1:
+        rest = " ".join(_axes(len(shape)).split()[1:])
+        pattern = ("i (h d) -> h" if transposed else f"(h d) {rest} -> h".replace("  ", " ")) + \
             f" [h={runs[0][1]}]"
     else:
-        pattern = f"{inner} -> [{' | '.join(labels)}]"
-    return BlockLayout(shape, perm, 1 if shape else 0, tuple(runs), pattern)
+        pattern = f"{inner} -> [{' | '.join(labels)}]" + (f" x{repeat}" if repeat > 1 else "")
+    return BlockLayout(shape, perm, 1 if shape else 0, tuple(runs) * repeat, pattern)
 
 
 def _require_2d(shape: Shape, what: str) -> None:

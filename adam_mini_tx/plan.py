@@ -23,6 +23,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Mapping, Sequence, Union
 
@@ -31,6 +32,8 @@ from torch import nn
 
 from . import blocks
 from .blocks import BlockLayout
+from .registry import (FusedQKV, ModelDims, dims_from_config, fused_qkv_style, is_lora,
+                       module_components, role_from_components)
 
 LayoutSpec = Union[str, BlockLayout, Callable[[tuple[int, ...]], BlockLayout]]
 Rules = Union[Mapping[str, LayoutSpec], Sequence[tuple[str, LayoutSpec]], None]
@@ -45,7 +48,7 @@ class ParamBlocks:
     shape: tuple[int, ...]
     layout: BlockLayout
     role: str
-    source: str  # "rule" (user), "name", or "fallback"
+    source: str  # "rule" (user), "structure" (module type/config), "name", or "fallback"
     dtype: torch.dtype = torch.float32
 
     @property
@@ -139,6 +142,23 @@ class BlockPlan(Mapping[str, ParamBlocks]):
     def __str__(self) -> str:
         return self.table()
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Mapping]) -> "BlockPlan":
+        """Inverse of :meth:`to_dict` (entries keep their order); raises ValueError naming the
+        parameter when an entry is malformed."""
+        entries = []
+        for name, entry in data.items():
+            try:
+                layout = BlockLayout(tuple(entry["shape"]), tuple(entry["perm"]),
+                                     int(entry["row_dims"]),
+                                     tuple(tuple(run) for run in entry["runs"]), entry["pattern"])
+                entries.append(ParamBlocks(name, layout.shape, layout, entry["role"],
+                                           entry["source"]))
+            except (KeyError, TypeError, ValueError) as error:
+                raise ValueError(f"block plan entry for parameter {name!r} is malformed: "
+                                 f"{error!r}") from None
+        return cls(tuple(entries))
+
     def to_dict(self) -> dict:
         """A plain, checkpointable description: ``name -> {shape, pattern, runs, ...}``."""
         return {e.name: {"shape": list(e.shape), "role": e.role, "source": e.source,
@@ -155,142 +175,247 @@ def _bytes(n: int) -> str:
     raise AssertionError("unreachable")
 
 
-# ----- name rules (the official package's, made token-exact) ---------------------------------
-_ROLE_NAMES = {
-    "query": {"q_proj", "wq", "query", "q"},
-    "key": {"k_proj", "wk", "key", "k"},
-    "value": {"v_proj", "wv", "value", "v"},
-    "attn_out": {"o_proj", "wo", "out_proj"},
-    "embedding": {"embed_tokens", "tok_embeddings", "wte", "wpe", "embed", "embd",
-                  "word_embeddings", "embeddings"},
-    "output": {"lm_head", "output", "final_layer"},
-    "mlp": {"gate_proj", "up_proj", "down_proj", "w1", "w2", "w3", "fc1", "fc2", "c_fc"},
-}
-_MLP_CONTAINERS = {"mlp", "feed_forward", "ffn"}
+# ----- planning ---------------------------------------------------------------------------------
+def plan_blocks(model_or_named_params: NamedTensors, *, dim: int | None = None,
+                n_heads: int | None = None, n_kv_heads: int | None = None,
+                head_dim: int | None = None, rules: Rules = None) -> BlockPlan:
+    """Plan the Adam-mini blocks of every trainable parameter.
+
+    Precedence: user ``rules`` (glob or regex on the name -> layout spec) > module structure
+    (``nn.Embedding``, ``nn.Linear``, HF ``Conv1D`` (in, out), ``nn.MultiheadAttention``, convs,
+    norms, 3-D expert weights, LoRA adapters) with the model's config (heads, KV heads, head_dim,
+    fused-QKV row order of its family) > name rules > one block per output row (>= 2-D) or one
+    block (1-D). Fallbacks are listed in ``plan.fallbacks``. Explicit ``n_heads`` / ``n_kv_heads``
+    / ``head_dim`` win over the config; ``dim`` is accepted for the official package's signature.
+    A model on the meta device plans without allocating memory.
+    """
+    config = getattr(model_or_named_params, "config", None) \
+        if isinstance(model_or_named_params, nn.Module) else None
+    dims = _explicit_dims(dims_from_config(config), n_heads, n_kv_heads, head_dim)
+    style, style_known = fused_qkv_style(config)
+    matcher = _RuleMatcher(rules)
+    entries = []
+    for name, tensor, module in _params_with_modules(model_or_named_params):
+        shape = tuple(tensor.shape)
+        spec = matcher.match(name)
+        if spec is not None:
+            role, layout, source = "rule", _layout_from_spec(spec, name, shape, dims), "rule"
+        else:
+            role, layout, source = _plan_param(name, shape, module, dims, style, style_known)
+        entries.append(ParamBlocks(name, shape, layout, role, source, tensor.dtype))
+    matcher.warn_unused()
+    return BlockPlan(tuple(entries))
 
 
-def _module_and_attribute(name: str) -> tuple[list[str], str]:
-    parts = name.lower().split(".")
-    return parts[:-1], parts[-1]
+def _explicit_dims(from_config: ModelDims, n_heads, n_kv_heads, head_dim) -> ModelDims:
+    if n_heads is not None and n_kv_heads is not None and n_heads % n_kv_heads:
+        raise ValueError(f"n_heads={n_heads} is not a multiple of n_kv_heads={n_kv_heads}")
+    if n_heads is None and n_kv_heads is None and head_dim is None:
+        return from_config
+    heads = n_heads if n_heads is not None else from_config.n_heads
+    kv = n_kv_heads if n_kv_heads is not None else (heads if n_heads is not None
+                                                     else from_config.n_kv_heads)
+    # explicit head counts: head_dim comes from the rows unless given (dim*dim/n_heads is wrong
+    # whenever head_dim * n_heads != hidden size)
+    width = head_dim if head_dim is not None else (None if n_heads is not None
+                                                    else from_config.head_dim)
+    return ModelDims(from_config.hidden, heads, kv, width)
 
 
-def role_from_name(name: str, shape: tuple[int, ...]) -> str | None:
-    """The role a parameter's name implies, matching whole name components (so ``network`` is
-    not ``wo``), or None."""
-    modules, attribute = _module_and_attribute(name)
-    if attribute == "bias" or (attribute.endswith("bias") and len(shape) <= 1):
-        return "bias"
-    last = modules[-1] if modules else attribute
-    if len(shape) <= 1 and (re.search(r"(^|_)(ln|norm|layernorm|rmsnorm)(_|\d|$)", last)
-                            or "norm" in last):
-        return "norm"
-    for role, names in _ROLE_NAMES.items():
-        if last in names:
-            return role
-    if any(module in _MLP_CONTAINERS for module in modules) and len(shape) >= 2:
-        return "mlp"
-    return None
+def _params_with_modules(source: NamedTensors) -> list[tuple[str, torch.Tensor, nn.Module | None]]:
+    """(name, tensor, owning module or None) for every trainable parameter, tied ones once."""
+    if isinstance(source, nn.Module):
+        seen, out = set(), []
+        for module_name, module in source.named_modules():
+            for attr, param in module.named_parameters(recurse=False):
+                if id(param) in seen or not param.requires_grad:
+                    continue
+                seen.add(id(param))
+                out.append((f"{module_name}.{attr}" if module_name else attr, param, module))
+        return out
+    items = source.items() if isinstance(source, Mapping) else source
+    out = []
+    for item in items:
+        if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)
+                and isinstance(item[1], torch.Tensor)):
+            raise TypeError(f"plan_blocks needs named parameters ((name, tensor) pairs, a dict or a "
+                            f"module), got an item of type {type(item).__name__}; pass "
+                            f"model.named_parameters() instead of model.parameters()")
+        out.append((item[0], item[1], None))
+    return out
 
 
-def layout_for_role(role: str, name: str, shape: tuple[int, ...], *, n_heads: int | None,
-                    n_kv_heads: int | None) -> BlockLayout:
-    """The layout a role gets for a tensor of ``shape``."""
-    if role == "bias":
-        return blocks.elementwise(shape)
-    if role == "norm" or len(shape) == 0:
-        return blocks.single_block(shape)
+def _is_norm_module(module: nn.Module | None) -> bool:
+    return module is not None and "norm" in type(module).__name__.lower()
+
+
+def _plan_param(name: str, shape: tuple[int, ...], module: nn.Module | None, dims: ModelDims,
+                style: FusedQKV, style_known: bool) -> tuple[str, BlockLayout, str]:
+    """(role, layout, source) for one parameter from its module, name and shape."""
+    components, attr = module_components(name)
+    structural = "structure" if module is not None else "name"
+    if len(shape) == 0:
+        return "scalar", blocks.single_block(shape), structural
+    if is_lora(name):
+        return "lora", blocks.per_row(shape), structural
+    if len(shape) == 1:
+        if attr == "bias" or attr.endswith("_bias"):
+            return "bias", blocks.elementwise(shape), structural
+        if _is_norm_module(module) or _looks_like_norm(components + [attr]):
+            return "norm", blocks.single_block(shape), structural
+        return "vector", blocks.single_block(shape), "fallback"
+    if isinstance(module, nn.MultiheadAttention):
+        return _multihead_attention(name, attr, shape, module)
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return "conv", blocks.per_row(shape, axis=1 if module.transposed else 0), "structure"
+    if isinstance(module, nn.Embedding):
+        return "embedding", blocks.per_row(shape, row_dims=len(shape) - 1), "structure"
+    transposed = module is not None and type(module).__name__ == "Conv1D" and len(shape) == 2
+    path = components + ([attr] if attr not in ("weight", "bias") else [])
+    role = role_from_components(path, len(shape))
+    if role == "embedding":
+        return role, blocks.per_row(shape, row_dims=len(shape) - 1), "name"
+    if len(shape) >= 3:
+        source = structural if any("expert" in c for c in path) else "fallback"
+        return "experts", blocks.per_row(shape, row_dims=len(shape) - 1), source
     if role in ("query", "key"):
-        heads = n_heads if role == "query" else (n_kv_heads or n_heads)
-        which = "n_heads" if role == "query" else "n_kv_heads"
-        if heads is None:
-            raise ValueError(f"parameter {name!r} looks like a {role} projection, so it is blocked "
-                             f"per head, but n_heads is unknown: pass n_heads= (and n_kv_heads= "
-                             f"for grouped-query attention) or a plan")
-        if shape[0] % heads:
-            raise ValueError(f"parameter {name!r}: {which}={heads} does not divide its "
-                             f"{shape[0]} output rows; check n_heads / n_kv_heads")
-        return blocks.per_head(shape, heads)
-    return blocks.per_row(shape)
+        return role, _heads_layout(name, role, shape, dims, transposed), structural
+    if role == "qkv":
+        layout = _fused_qkv_layout(name, shape, dims, style, transposed)
+        return role, layout, structural if style_known or module is None else "fallback"
+    if role is None:
+        known = isinstance(module, nn.Linear) or transposed
+        return "linear", blocks.per_row(shape, transposed=transposed), \
+            "structure" if known else "fallback"
+    return role, blocks.per_row(shape, transposed=transposed), structural
 
 
-def _layout_from_spec(spec: LayoutSpec, name: str, shape: tuple[int, ...], n_heads, n_kv_heads):
-    if isinstance(spec, BlockLayout):
-        layout = spec
-    elif callable(spec):
-        layout = spec(shape)
-    elif spec in ("elementwise", "adam"):
-        layout = blocks.elementwise(shape)
-    elif spec in ("whole", "single", "norm"):
-        layout = blocks.single_block(shape)
-    elif spec in ("rows", "neuron", "token"):
-        layout = blocks.per_row(shape)
-    elif spec in ("columns", "transposed"):
-        layout = blocks.per_row(shape, transposed=True)
-    elif isinstance(spec, str) and spec.startswith("heads"):
-        heads = int(spec.split(":", 1)[1]) if ":" in spec else n_heads
-        layout = layout_for_role("query", name, shape, n_heads=heads, n_kv_heads=None)
-    else:
-        raise ValueError(f"rule for parameter {name!r}: unknown layout {spec!r}; use 'elementwise', "
-                         f"'whole', 'rows', 'columns', 'heads:N', a BlockLayout or a callable")
-    if tuple(layout.shape) != tuple(shape):
-        raise ValueError(f"rule for parameter {name!r} gives a layout for shape {layout.shape}, "
-                         f"but the parameter has shape {shape}")
-    return layout
+def _looks_like_norm(components: list[str]) -> bool:
+    return any("norm" in c or c in ("ln", "ln_f") or (c.startswith("ln_") and c[3:].isdigit())
+               for c in components)
 
 
-def _match_rule(rules: Rules, name: str) -> LayoutSpec | None:
-    items = rules.items() if isinstance(rules, Mapping) else (rules or [])
-    for pattern, spec in items:
-        if fnmatch.fnmatchcase(name, pattern) or (_is_regex(pattern) and re.fullmatch(pattern, name)):
-            return spec
-    return None
+def _heads_layout(name: str, role: str, shape: tuple[int, ...], dims: ModelDims,
+                  transposed: bool) -> BlockLayout:
+    rows = shape[1] if transposed else shape[0]
+    heads = dims.heads_in(rows, role)
+    which = "n_heads" if role == "query" else "n_kv_heads"
+    if heads is None:
+        raise ValueError(f"parameter {name!r} looks like a {role} projection, so it is blocked "
+                         f"per head, but n_heads is unknown: pass n_heads= (and n_kv_heads= for "
+                         f"grouped-query attention), a model with a config, or a plan rule")
+    if rows % heads:
+        raise ValueError(f"parameter {name!r}: {which}={heads} does not divide its {rows} output "
+                         f"rows; check n_heads / n_kv_heads / head_dim")
+    return blocks.per_head(shape, heads, transposed=transposed)
 
 
-def _is_regex(pattern: str) -> bool:
+def _fused_qkv_layout(name: str, shape: tuple[int, ...], dims: ModelDims, style: FusedQKV,
+                      transposed: bool) -> BlockLayout:
+    """[q | k | v] rows in the family's order: q and k per head, v per output neuron."""
+    rows = shape[1] if transposed else shape[0]
+    heads, kv = dims.n_heads, dims.n_kv_heads or dims.n_heads
+    if heads is None:
+        raise ValueError(f"parameter {name!r} is a fused QKV projection; pass n_heads= (and "
+                         f"n_kv_heads=) or plan from a model with a config")
+    if rows % (heads + 2 * kv) or heads % kv:
+        raise ValueError(f"parameter {name!r}: {rows} fused QKV rows do not fit n_heads={heads}, "
+                         f"n_kv_heads={kv}; check the head counts")
+    width = rows // (heads + 2 * kv)
     try:
-        re.compile(pattern)
+        if style.style == "per_head":
+            return blocks.fused_rows(shape, [("q", 1), ("k", 1), ("v", width)], repeat=heads,
+                                     rows_per_segment=[width] * 3, transposed=transposed)
+        if style.style == "per_group":
+            per_group = heads // kv
+            return blocks.fused_rows(shape, [("q", per_group), ("k", 1), ("v", width)], repeat=kv,
+                                     rows_per_segment=[per_group * width, width, width],
+                                     transposed=transposed)
+        return blocks.fused_rows(shape, [("q", heads), ("k", kv), ("v", kv * width)],
+                                 rows_per_segment=[heads * width, kv * width, kv * width],
+                                 transposed=transposed)
+    except ValueError as error:
+        raise ValueError(f"parameter {name!r}: {error}") from None
+
+
+def _multihead_attention(name: str, attr: str, shape: tuple[int, ...],
+                         module: nn.MultiheadAttention) -> tuple[str, BlockLayout, str]:
+    heads = module.num_heads
+    if attr == "in_proj_weight":
+        width = shape[0] // 3
+        return "qkv", blocks.fused_rows(shape, [("q", heads), ("k", heads), ("v", width)],
+                                        rows_per_segment=[width] * 3), "structure"
+    if attr in ("q_proj_weight", "k_proj_weight"):
+        return ("query" if attr[0] == "q" else "key"), blocks.per_head(shape, heads), "structure"
+    return "value", blocks.per_row(shape), "structure"
+
+
+# ----- user rules ---------------------------------------------------------------------------------
+class _RuleMatcher:
+    """Glob or regex patterns on parameter names -> layout specs; all matches must agree."""
+
+    def __init__(self, rules: Rules):
+        items = rules.items() if isinstance(rules, Mapping) else (rules or [])
+        self.rules = []
+        for item in items:
+            if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)):
+                raise TypeError(f"rules must map name patterns (str) to layouts, got {item!r}")
+            self.rules.append(item)
+        self.used: set[str] = set()
+
+    def match(self, name: str) -> LayoutSpec | None:
+        hits = [(pattern, spec) for pattern, spec in self.rules if _matches(pattern, name)]
+        self.used.update(pattern for pattern, _ in hits)
+        if not hits:
+            return None
+        if any(spec != hits[0][1] for _, spec in hits[1:]):
+            described = ", ".join(f"{pattern!r} -> {spec!r}" for pattern, spec in hits)
+            raise ValueError(f"conflicting rules for parameter {name!r}: {described}; make the "
+                             f"patterns disjoint")
+        return hits[0][1]
+
+    def warn_unused(self) -> None:
+        unused = [pattern for pattern, _ in self.rules if pattern not in self.used]
+        if unused:
+            warnings.warn(f"block-plan rules matched no parameter: {unused}", stacklevel=3)
+
+
+def _matches(pattern: str, name: str) -> bool:
+    if fnmatch.fnmatchcase(name, pattern):
         return True
+    try:
+        return re.fullmatch(pattern, name) is not None
     except re.error:
         return False
 
 
-def _named_tensors(source: NamedTensors) -> list[tuple[str, torch.Tensor]]:
-    if isinstance(source, nn.Module):
-        return [(n, p) for n, p in source.named_parameters() if p.requires_grad]
-    items = source.items() if isinstance(source, Mapping) else source
-    named = []
-    for item in items:
-        if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)):
-            raise TypeError(f"plan_blocks needs named parameters ((name, tensor) pairs, a dict or a "
-                            f"module), got an item of type {type(item).__name__}; pass "
-                            f"model.named_parameters() instead of model.parameters()")
-        named.append(item)
-    return named
-
-
-def plan_blocks(model_or_named_params: NamedTensors, *, dim: int | None = None,
-                n_heads: int | None = None, n_kv_heads: int | None = None,
-                rules: Rules = None) -> BlockPlan:
-    """Plan the Adam-mini blocks of every parameter.
-
-    User ``rules`` (glob or regex on the name -> layout spec) win; then the name's role; anything
-    unmatched falls back to one block per output row (>= 2-D) or one block (1-D), and is listed
-    in ``plan.fallbacks``. ``dim`` is accepted for the official package's signature.
-    """
-    if n_heads is not None and n_kv_heads is not None and n_heads % n_kv_heads:
-        raise ValueError(f"n_heads={n_heads} is not a multiple of n_kv_heads={n_kv_heads}")
-    entries = []
-    for name, tensor in _named_tensors(model_or_named_params):
-        shape = tuple(tensor.shape)
-        spec = _match_rule(rules, name)
-        if spec is not None:
-            layout = _layout_from_spec(spec, name, shape, n_heads, n_kv_heads)
-            role, source = "rule", "rule"
+def _layout_from_spec(spec: LayoutSpec, name: str, shape: tuple[int, ...],
+                      dims: ModelDims) -> BlockLayout:
+    try:
+        if isinstance(spec, BlockLayout):
+            layout = spec
+        elif callable(spec):
+            layout = spec(shape)
+        elif spec in ("elementwise", "adam"):
+            layout = blocks.elementwise(shape)
+        elif spec in ("whole", "single", "norm"):
+            layout = blocks.single_block(shape)
+        elif spec in ("rows", "neuron", "token"):
+            layout = blocks.per_row(shape)
+        elif spec in ("columns", "transposed"):
+            layout = blocks.per_row(shape, transposed=True)
+        elif isinstance(spec, str) and spec.startswith("heads"):
+            heads = int(spec.split(":", 1)[1]) if ":" in spec else None
+            layout = (blocks.per_head(shape, heads) if heads else
+                      _heads_layout(name, "query", shape, dims, transposed=False))
         else:
-            role = role_from_name(name, shape)
-            source = "name"
-            if role is None:
-                role, source = ("mlp" if len(shape) >= 2 else "norm"), "fallback"
-            layout = layout_for_role(role, name, shape, n_heads=n_heads, n_kv_heads=n_kv_heads)
-        entries.append(ParamBlocks(name, shape, layout, role, source, tensor.dtype))
-    return BlockPlan(tuple(entries))
+            raise ValueError(f"unknown layout {spec!r}; use 'elementwise', 'whole', 'rows', "
+                             f"'columns', 'heads' or 'heads:N', a BlockLayout or a callable")
+    except ValueError as error:
+        if str(error).startswith("parameter"):
+            raise
+        raise ValueError(f"rule for parameter {name!r}: {error}") from None
+    if tuple(layout.shape) != tuple(shape):
+        raise ValueError(f"rule for parameter {name!r} gives a layout for shape {layout.shape}, "
+                         f"but the parameter has shape {shape}")
+    return layout
