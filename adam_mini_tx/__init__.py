@@ -5,8 +5,8 @@ from .compat import Adam_mini
 from .optim import AdamMini
 from .blocks import BlockLayout, elementwise, fused_rows, per_head, per_row, single_block
 from .plan import BlockPlan, ParamBlocks, plan_blocks
-from .transforms import (blockwise_mean_square, decoupled_decay, momentum, partition, safe_sqrt,
-                         scale_by_lr)
+from .transforms import (blockwise_mean_square, clip_by_global_norm, decoupled_decay, momentum,
+                         partition, safe_sqrt, scale_by_lr)
 
 __version__ = "0.1.0"
 
@@ -16,5 +16,5 @@ __all__ = [
     "GradientTransformation", "apply_updates", "chain", "identity",
     "BlockLayout", "elementwise", "fused_rows", "per_head", "per_row", "single_block",
     "BlockPlan", "ParamBlocks", "plan_blocks",
-    "blockwise_mean_square", "decoupled_decay", "momentum", "partition", "safe_sqrt", "scale_by_lr",
+    "blockwise_mean_square", "clip_by_global_norm", "decoupled_decay", "momentum", "partition", "safe_sqrt", "scale_by_lr",
 ]

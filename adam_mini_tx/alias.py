@@ -91,3 +91,7 @@ def adam_mini_state_from_slots(slots: dict[str, torch.Tensor], name: str) -> tup
     return (MomentumState(step, {name: slots["m"]}), SecondMomentState(step, {name: slots["v"]}),
             PartitionState({"decay": CountState(step), "no_decay": EmptyState()}),
             CountState(step))
+
+
+OPTIMIZERS = {"adam_mini": adam_mini, "adamw": adamw}
+"""Every optimizer alias the library exports, by name (the generic property tests run over all)."""

@@ -59,7 +59,10 @@ def identity() -> GradientTransformation:
 
 def chain(*transforms: GradientTransformation) -> GradientTransformation:
     """Apply ``transforms`` in order; each sees the previous output as ``updates`` and the
-    chain's input as ``grads``: ``u_k = T_k(u_{k-1}; grads=u_0)``."""
+    chain's own input as ``grads``: ``u_k = T_k(u_{k-1}; grads=u_0)``.
+
+    A nested chain hands on *its* input, so ``chain(clip_by_global_norm(1.0), adam_mini())``
+    gives Adam-mini the clipped gradient for both moments."""
 
     def init(params: Params) -> tuple:
         return tuple(t.init(params) for t in transforms)
@@ -68,7 +71,7 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
         if len(state) != len(transforms):
             raise ValueError(f"chain state has {len(state)} entries but the chain has "
                              f"{len(transforms)} transforms: was it made by this chain's init?")
-        grads = updates if grads is None else grads
+        grads = updates
         new_states = []
         for transform, inner in zip(transforms, state):
             updates, inner = transform.update(updates, inner, params, grads)

@@ -231,6 +231,26 @@ def scale_by_lr(lr: ScalarOrSchedule = 1e-3) -> GradientTransformation:
     return GradientTransformation(init, update)
 
 
+def clip_by_global_norm(max_norm: float) -> GradientTransformation:
+    """Scale all updates together so that their global L2 norm is at most ``max_norm``:
+    ``u -> u * min(1, max_norm / ||u||)`` with ``||u||^2 = sum_n sum_i u_{n,i}^2`` (no host sync).
+    Put it in an outer chain, ``chain(clip_by_global_norm(1.0), adam_mini(...))``, so that both
+    moments see the clipped gradient."""
+    check_number("max_norm", max_norm, 0.0)
+
+    def init(params: Params) -> EmptyState:
+        return EmptyState()
+
+    def update(updates, state, params=None, grads=None):
+        if not updates:
+            return updates, state
+        norm = torch.sqrt(sum(u.double().pow(2).sum() for u in updates.values()))
+        scale = torch.clamp(max_norm / (norm + 1e-12), max=1.0)
+        return {name: u * scale.to(u.dtype) for name, u in updates.items()}, state
+
+    return GradientTransformation(init, update)
+
+
 Labeler = Union[Mapping[str, str], Callable[[str, torch.Tensor], str]]
 
 
@@ -279,5 +299,6 @@ def partition(transforms: Mapping[str, GradientTransformation],
 
 
 __all__ = ["momentum", "blockwise_mean_square", "decoupled_decay", "scale_by_lr", "partition",
+           "clip_by_global_norm",
            "safe_sqrt", "MomentumState", "SecondMomentState", "CountState", "PartitionState",
            "EmptyState", "Updates"]

@@ -1,0 +1,20 @@
+"""Every ```python block of docs/recipes/*.md runs, in order, in one namespace per page."""
+import pathlib
+import re
+
+import pytest
+
+RECIPES = sorted((pathlib.Path(__file__).parent.parent / "docs" / "recipes").glob("*.md"))
+CODE = re.compile(r"```python\n(.*?)```", re.DOTALL)
+
+
+@pytest.mark.parametrize("page", RECIPES, ids=[p.name for p in RECIPES])
+def test_recipe_page_runs(page):
+    blocks = CODE.findall(page.read_text())
+    assert blocks, f"{page.name} has no python blocks"
+    namespace = {"__name__": f"recipe_{page.stem}"}
+    for index, block in enumerate(blocks):
+        try:
+            exec(compile(block, f"{page.name}[block {index}]", "exec"), namespace)
+        except Exception as error:  # name the failing block
+            raise AssertionError(f"{page.name} block {index} failed: {error!r}") from error
