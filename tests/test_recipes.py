@@ -1,10 +1,13 @@
-"""Every ```python block of docs/recipes/*.md runs, in order, in one namespace per page."""
+"""Every ```python block of the recipe pages marked ``<!-- test: execute -->`` runs, in order, in
+one namespace per page (pages of snippets for other frameworks are not marked)."""
 import pathlib
 import re
 
 import pytest
 
-RECIPES = sorted((pathlib.Path(__file__).parent.parent / "docs" / "recipes").glob("*.md"))
+MARKER = "<!-- test: execute -->"
+RECIPES = sorted(p for p in (pathlib.Path(__file__).parent.parent / "docs" / "recipes").glob("*.md")
+                 if MARKER in p.read_text())
 CODE = re.compile(r"```python\n(.*?)```", re.DOTALL)
 
 
@@ -18,3 +21,7 @@ def test_recipe_page_runs(page):
             exec(compile(block, f"{page.name}[block {index}]", "exec"), namespace)
         except Exception as error:  # name the failing block
             raise AssertionError(f"{page.name} block {index} failed: {error!r}") from error
+
+
+def test_the_torch_recipes_are_executed():
+    assert {"composition.md", "torch_func.md"} <= {p.name for p in RECIPES}
