@@ -196,6 +196,7 @@ def plan_blocks(model_or_named_params: NamedTensors, *, dim: int | None = None,
     matcher = _RuleMatcher(rules)
     entries = []
     for name, tensor, module in _params_with_modules(model_or_named_params):
+        _check_plannable(name, tensor)
         shape = tuple(tensor.shape)
         spec = matcher.match(name)
         if spec is not None:
@@ -205,6 +206,18 @@ def plan_blocks(model_or_named_params: NamedTensors, *, dim: int | None = None,
         entries.append(ParamBlocks(name, shape, layout, role, source, tensor.dtype))
     matcher.warn_unused()
     return BlockPlan(tuple(entries))
+
+
+def _check_plannable(name: str, tensor: torch.Tensor) -> None:
+    if tensor.is_complex():
+        raise TypeError(f"parameter {name!r} is complex ({tensor.dtype}); Adam-mini's blocks are "
+                        f"defined for real tensors: optimize torch.view_as_real(param) instead")
+    if not tensor.is_floating_point():
+        raise TypeError(f"parameter {name!r} has dtype {tensor.dtype}; only floating-point "
+                        f"tensors can be optimized")
+    if tensor.numel() == 0:
+        raise ValueError(f"parameter {name!r} has no elements (shape {tuple(tensor.shape)}); "
+                         f"leave it out of the optimizer")
 
 
 def _explicit_dims(from_config: ModelDims, n_heads, n_kv_heads, head_dim) -> ModelDims:

@@ -4,7 +4,8 @@ from __future__ import annotations
 import io
 import os
 
-from .train import RunResult, write_atomic
+from ..checkpoint import write_atomic
+from .train import RunResult
 
 LABELS = {"adamw": "AdamW (torch)", "adam_mini": "Adam-mini (adam_mini_tx)"}
 
@@ -54,4 +55,4 @@ def plot(results: dict[str, RunResult], path: str) -> None:
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    write_atomic(path, buffer.getvalue())
+    write_atomic(path, lambda handle: handle.write(buffer.getvalue()))

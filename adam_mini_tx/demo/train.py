@@ -4,12 +4,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 
+from ..checkpoint import write_atomic
 from ..optim import AdamMini
 from .data import Corpus, load_corpus, sample_batch
 from .model import GPT, GPTConfig
@@ -149,22 +149,8 @@ def run_demo(cfg: DemoConfig, out_dir: str, progress: bool = True) -> dict:
     payload["config"] = asdict(cfg)
     payload["data"] = {"source": corpus.source, "credit": corpus.credit,
                        "train_tokens": len(corpus.train), "val_tokens": len(corpus.val)}
-    write_atomic(os.path.join(out_dir, "results.json"), json.dumps(payload, indent=2).encode())
+    text = json.dumps(payload, indent=2).encode()
+    write_atomic(os.path.join(out_dir, "results.json"), lambda handle: handle.write(text))
     from .report import plot
     plot(results, os.path.join(out_dir, "loss_and_memory.png"))
     return {"results": results, "corpus": corpus, "payload": payload}
-
-
-def write_atomic(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise

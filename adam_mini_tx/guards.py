@@ -1,0 +1,66 @@
+"""Non-finite gradients: a policy for the functional core.
+
+``skip_nonfinite(inner, policy)`` wraps any transform:
+
+* ``"skip"``: if any gradient element is NaN or Inf, the updates are zero and the inner state is
+  left exactly as it was (step counts included); ``state.skipped`` counts such steps. Pure: the
+  choice is a ``torch.where``, so it works under ``torch.compile`` and ``vmap``.
+* ``"raise"``: raise ``FloatingPointError`` naming the parameters with non-finite gradients. This
+  reads a flag on the host (one sync per step), so it does not trace under ``torch.compile``.
+* ``"apply"``: run the inner transform as is, but still count the non-finite steps.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch.utils._pytree import tree_map
+
+from .base import GradientTransformation, Params
+
+POLICIES = ("skip", "raise", "apply")
+
+
+class NonFiniteState(NamedTuple):
+    inner: Any  # the wrapped transform's state
+    skipped: torch.Tensor  # () int64, steps whose gradient had a NaN or Inf
+
+
+def all_finite(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """0-d bool: every element of every tensor is finite."""
+    flags = [torch.isfinite(t).all() for t in tensors.values()]
+    return torch.stack(flags).all() if flags else torch.tensor(True)
+
+
+def nonfinite_names(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the tensors holding a NaN or Inf (host sync)."""
+    return [name for name, t in tensors.items() if not bool(torch.isfinite(t).all())]
+
+
+def check_policy(policy: str) -> str:
+    if policy not in POLICIES:
+        raise ValueError(f"invalid nonfinite policy {policy!r}: use one of {list(POLICIES)}")
+    return policy
+
+
+def skip_nonfinite(inner: GradientTransformation, policy: str = "skip") -> GradientTransformation:
+    """Apply a non-finite-gradient ``policy`` around ``inner`` (see the module docstring)."""
+    check_policy(policy)
+
+    def init(params: Params) -> NonFiniteState:
+        return NonFiniteState(inner.init(params), torch.zeros((), dtype=torch.int64))
+
+    def update(updates, state, params=None, grads=None):
+        finite = all_finite(updates)
+        if policy == "raise" and not bool(finite):
+            raise FloatingPointError(f"non-finite gradient in {nonfinite_names(updates)}; "
+                                     f"the step was not applied")
+        new_updates, new_inner = inner.update(updates, state.inner, params)
+        skipped = state.skipped + (~finite).to(torch.int64)
+        if policy == "skip":
+            keep = lambda new, old: torch.where(finite, new, old)  # noqa: E731
+            new_updates = {n: keep(u, torch.zeros_like(u)) for n, u in new_updates.items()}
+            new_inner = tree_map(keep, new_inner, state.inner)
+        return new_updates, NonFiniteState(new_inner, skipped)
+
+    return GradientTransformation(init, update)

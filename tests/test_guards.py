@@ -1,0 +1,61 @@
+"""skip_nonfinite: the non-finite-gradient policy of the functional core."""
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounter
+
+import adam_mini_tx as amx
+from adam_mini_tx.guards import skip_nonfinite
+
+PARAMS = {"a.weight": torch.randn(4, 3), "a.bias": torch.randn(4)}
+
+
+def grads(bad=None):
+    g = {k: torch.ones_like(v) for k, v in PARAMS.items()}
+    if bad is not None:
+        g["a.bias"] = g["a.bias"].clone()
+        g["a.bias"][1] = bad
+    return g
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_skip_leaves_params_and_state_untouched_and_counts(bad):
+    tx = skip_nonfinite(amx.adam_mini(lr=0.1, weight_decay=0.1))
+    state = tx.init(PARAMS)
+    _, state = tx.update(grads(), state, PARAMS)
+    updates, skipped = tx.update(grads(bad), state, PARAMS)
+    assert all(torch.equal(u, torch.zeros_like(u)) for u in updates.values())
+    before = torch.utils._pytree.tree_leaves(state.inner)
+    after = torch.utils._pytree.tree_leaves(skipped.inner)
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    assert int(skipped.skipped) == 1
+    # the next finite step continues exactly as if the bad step never happened
+    resumed, _ = tx.update(grads(), skipped, PARAMS)
+    reference, _ = tx.update(grads(), state, PARAMS)
+    assert all(torch.equal(resumed[k], reference[k]) for k in PARAMS)
+
+
+def test_raise_names_the_parameter():
+    tx = skip_nonfinite(amx.adam_mini(), policy="raise")
+    with pytest.raises(FloatingPointError, match=r"\['a.bias'\]"):
+        tx.update(grads(float("nan")), tx.init(PARAMS), PARAMS)
+
+
+def test_apply_counts_but_applies():
+    tx = skip_nonfinite(amx.adam_mini(lr=0.1), policy="apply")
+    updates, state = tx.update(grads(float("nan")), tx.init(PARAMS), PARAMS)
+    assert torch.isnan(updates["a.bias"]).any() and int(state.skipped) == 1
+
+
+def test_skip_compiles_to_one_graph():
+    tx = skip_nonfinite(amx.adam_mini(lr=0.1))
+    counter = CompileCounter()
+    step = torch.compile(lambda g, s: tx.update(g, s, PARAMS), backend=counter, fullgraph=True)
+    state = tx.init(PARAMS)
+    for bad in (None, float("nan"), None):
+        _, state = step(grads(bad), state)
+    assert counter.frame_count == 1 and int(state.skipped) == 1
+
+
+def test_unknown_policy():
+    with pytest.raises(ValueError, match="nonfinite policy 'drop'"):
+        skip_nonfinite(amx.adam_mini(), policy="drop")
