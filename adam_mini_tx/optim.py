@@ -1,43 +1,67 @@
 """``AdamMini``: the functional Adam-mini chain behind the ``torch.optim.Optimizer`` interface.
 
 Each step runs :func:`adam_mini_tx.adam_mini` (the one definition of the math) parameter by
-parameter, so temporaries never exceed one parameter's size, and writes the result in place.
+parameter through :func:`param_step`, so temporaries never exceed a few times one parameter's size,
+and writes the result in place (``p.add_(update)``; the state tensors are rebound).
 
-Per-parameter state (``optimizer.state[p]``, and ``state_dict()["state"][i]``), stable keys:
+Per-parameter state (``optimizer.state[p]`` and ``state_dict()["state"][i]``), stable keys:
 
 * ``"step"``: 0-d int64 tensor, steps taken by this parameter;
 * ``"m"``: first moment, the parameter's shape;
 * ``"v"``: blockwise second moment, one value per block (``plan[name].layout.v_shape``).
 
-``state_dict()`` also carries ``"plan"`` (``BlockPlan.to_dict()``); loading checks it against the
-optimizer's own plan, and every state tensor's shape, before anything is changed.
+They are DTensors when the parameter is a DTensor. ``state_dict()`` also carries ``"plan"``
+(``BlockPlan.to_dict()``); loading checks the parameter names, the plan and every state tensor's
+shape against this optimizer before anything is changed.
 """
 from __future__ import annotations
 
-import logging
 from typing import Any, Iterable, Mapping
 
 import torch
 from torch import nn
 
 from .alias import DECAY_MASKS, adam_mini, adam_mini_slots, adam_mini_state_from_slots
-from .base import check_betas, check_number
+from .base import GradientTransformation, check_betas, check_number
 from .plan import BlockPlan, plan_blocks
 
-logger = logging.getLogger("adam_mini_tx")
-
 STATE_KEYS = ("step", "m", "v")
+"""The keys of ``optimizer.state[p]`` (see the module docstring)."""
+
+_LAYOUT_FIELDS = ("shape", "perm", "row_dims", "runs")  # what a plan entry means for the state
+
+
+def param_step(tx: GradientTransformation, name: str, param: torch.Tensor, grad: torch.Tensor,
+               slots: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One parameter's step through the functional chain ``tx`` (an :func:`adam_mini` chain).
+
+    Returns ``(update, new_slots)``: ``p_new = p + update`` and the new ``{"step", "m", "v"}``.
+    Pure: mutates neither ``param`` nor ``slots``. This is the unit :class:`AdamMini` runs per
+    parameter; a fused path runs the same chain over lists of parameters that share a layout.
+    """
+    updates, state = tx.update({name: grad}, adam_mini_state_from_slots(slots, name),
+                               {name: param})
+    return updates[name], adam_mini_slots(state, name)
+
+
+def init_slots(tx: GradientTransformation, name: str, param: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Fresh ``{"step": 0, "m": 0, "v": 0}`` for one parameter, made by ``tx.init``."""
+    return adam_mini_slots(tx.init({name: param}), name)
 
 
 class AdamMini(torch.optim.Optimizer):
-    """Adam-mini as a ``torch.optim.Optimizer``.
+    """Adam-mini as a ``torch.optim.Optimizer``: ``m = b1 m + (1-b1) g``,
+    ``v_b = b2 v_b + (1-b2) mean_b(g*g)`` per block ``b``,
+    ``p -= lr (m_hat / (sqrt(v_hat_b) + eps) + wd p)`` (decay only where the mask says so).
 
-    ``params``: ``model.named_parameters()``, named param groups (dicts whose ``"params"`` are
-    ``(name, param)`` pairs, with their own ``lr``/``betas``/``eps``/``weight_decay``/``decay_mask``),
-    or unnamed parameters together with ``plan=model`` (names are looked up in the module).
+    ``params``: ``model.named_parameters()``; named param groups (dicts whose ``"params"`` are
+    ``(name, param)`` pairs, with their own ``lr``, ``betas``, ``eps``, ``weight_decay``,
+    ``decay_mask``, ``eps_root``); or unnamed parameters / groups together with ``plan=model``
+    (names are looked up in the module by identity; a :class:`BlockPlan` alone cannot name tensors).
+    ``lr``: a float or a 0-d tensor (schedulers write ``group["lr"]``; it is read at every step).
     ``plan``: a :class:`BlockPlan`, a module to plan from (reads its config), or None to plan from
-    the names with ``dim``/``n_heads``/``n_kv_heads``. ``decay_mask``: ``"matrices"`` (no decay for
-    tensors with fewer than 2 dims, the default), ``"all"`` or ``"official"``.
+    the names with ``dim`` / ``n_heads`` / ``n_kv_heads``. ``decay_mask``: ``"matrices"`` (no decay
+    for tensors with fewer than 2 dims, the default), ``"all"`` or ``"official"``.
     ``state_dtype``: dtype of ``m`` and ``v`` (default: the parameter's; e.g. fp32 for bf16 params).
     """
 
@@ -47,19 +71,22 @@ class AdamMini(torch.optim.Optimizer):
                  dim: int | None = None, n_heads: int | None = None,
                  n_kv_heads: int | None = None, state_dtype: torch.dtype | None = None,
                  decay_mask: str = "matrices", eps_root: float = 0.0):
-        check_number("lr", lr, 0.0)
-        check_betas(betas)
-        check_number("eps", eps, 0.0)
-        check_number("weight_decay", weight_decay, 0.0)
-        _check_decay_mask(decay_mask)
-        groups = _named_groups(params, plan)
+        if state_dtype is not None and not (isinstance(state_dtype, torch.dtype)
+                                            and state_dtype.is_floating_point):
+            raise TypeError(f"state_dtype must be a floating torch.dtype such as torch.float32, "
+                            f"got {state_dtype!r}")
+        self._names_by_id = ({id(p): n for n, p in plan.named_parameters()}
+                             if isinstance(plan, nn.Module) else {})
+        groups = _named_groups(params, self._names_by_id)
         _reject_duplicates(groups)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         decay_mask=decay_mask, eps_root=eps_root)
         self.state_dtype = state_dtype
+        self._plan_kwargs = dict(dim=dim, n_heads=n_heads, n_kv_heads=n_kv_heads)
+        self._chains: list[tuple[dict, tuple, GradientTransformation]] = []
+        self._layouts: tuple[BlockPlan | None, dict] = (None, {})
         super().__init__(groups, defaults)
-        self.plan = _resolve_plan(plan, self._named_params(), dim=dim, n_heads=n_heads,
-                                  n_kv_heads=n_kv_heads)
+        self.plan = _resolve_plan(plan, self._named_params(), **self._plan_kwargs)
 
     # ----- the step ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -69,90 +96,134 @@ class AdamMini(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            tx = self._transform(group)
+        for index, group in enumerate(self.param_groups):
+            tx = self._chain(index, group)
             for name, param in zip(group["param_names"], group["params"]):
-                if param.grad is None:
+                grad = param.grad
+                if grad is None:
                     continue
-                self._step_param(tx, name, param)
+                if grad.is_sparse:
+                    raise ValueError(f"parameter {name!r} has a sparse gradient, which AdamMini "
+                                     f"does not support; use dense gradients (e.g. "
+                                     f"nn.Embedding(sparse=False))")
+                state = self.state[param]
+                if not state:
+                    state.update(init_slots(tx, name, param))
+                update, slots = param_step(tx, name, param, grad, state)
+                param.add_(update.to(param.dtype))
+                state.update(slots)
         return loss
 
-    def _transform(self, group: Mapping[str, Any]):
-        """The group's Adam-mini chain; lr and weight decay are read from the group at each
-        step, so schedulers (which write ``group["lr"]``) take effect without rebuilding."""
-        return adam_mini(lambda count: group["lr"], group["betas"], group["eps"],
-                         lambda count: group["weight_decay"], plan=self.plan,
-                         eps_root=group["eps_root"], state_dtype=self.state_dtype,
-                         decay_mask=group["decay_mask"])
+    def _chain(self, index: int, group: dict[str, Any]) -> GradientTransformation:
+        """The group's :func:`adam_mini` chain, built once and rebuilt only when ``betas``,
+        ``eps``, ``eps_root`` or ``decay_mask`` change (OneCycleLR cycles beta1) or the group was
+        replaced (``load_state_dict``). ``lr`` and ``weight_decay`` are read from the group at
+        every step, so schedulers that write ``group["lr"]`` need no rebuild."""
+        key = (tuple(group["betas"]), group["eps"], group["eps_root"], group["decay_mask"])
+        while len(self._chains) <= index:
+            self._chains.append(({}, (), None))
+        cached_group, cached_key, tx = self._chains[index]
+        if cached_group is not group or cached_key != key:
+            tx = adam_mini(lambda count: group["lr"], group["betas"], group["eps"],
+                           lambda count: group["weight_decay"], plan=self._layout_map(),
+                           eps_root=group["eps_root"], state_dtype=self.state_dtype,
+                           decay_mask=group["decay_mask"])
+            self._chains[index] = (group, key, tx)
+        return tx
 
-    def _step_param(self, tx, name: str, param: torch.Tensor) -> None:
-        grad = param.grad
-        if grad.is_sparse:
-            raise ValueError(f"parameter {name!r} has a sparse gradient, which AdamMini does not "
-                             f"support; use dense gradients (e.g. nn.Embedding(sparse=False))")
-        state = self.state[param]
-        if not state:
-            state.update(adam_mini_slots(tx.init({name: param}), name))
-        updates, new_state = tx.update({name: grad}, adam_mini_state_from_slots(state, name),
-                                       {name: param})
-        param.add_(updates[name].to(param.dtype))
-        state.update(adam_mini_slots(new_state, name))
+    def _layout_map(self) -> dict:
+        """``name -> BlockLayout`` of the current plan (recomputed only when the plan changes)."""
+        if self._layouts[0] is not self.plan:
+            self._layouts = (self.plan, self.plan.layouts())
+        return self._layouts[1]
+
+    # ----- param groups -------------------------------------------------------------------------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a named group (``"params"``: ``(name, param)`` pairs, or tensors the module given as
+        ``plan`` can name); its hyperparameters are checked and its tensors join the block plan."""
+        if hasattr(self, "plan"):  # after construction: name, de-duplicate, then plan the group
+            param_group = _named_group(dict(param_group), getattr(self, "_names_by_id", {}))
+            _reject_duplicates([{"params": self._named_params()}, param_group])
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        _check_group(group, len(self.param_groups) - 1)
+        if hasattr(self, "plan"):
+            new = [(n, p) for n, p in zip(group["param_names"], group["params"])
+                   if n not in self.plan]
+            if new:
+                self.plan = self.plan.merged(plan_blocks(new, **self._plan_kwargs))
+
+    def _named_params(self) -> list[tuple[str, torch.Tensor]]:
+        return [pair for group in self.param_groups
+                for pair in zip(group["param_names"], group["params"])]
 
     # ----- checkpoints --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """torch.optim's state dict plus ``"plan"``, the block plan it was made with."""
+        """torch.optim's state dict (``"state"``, ``"param_groups"`` with ``"param_names"``) plus
+        ``"plan"``: the block plan it was made with (``BlockPlan.to_dict()``)."""
         state_dict = super().state_dict()
         state_dict["plan"] = self.plan.to_dict()
         return state_dict
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Load a checkpoint after checking its plan and state shapes; nothing changes on error.
-        State tensors keep their saved dtype (fp32 state of bf16 params stays fp32)."""
+        """Load a checkpoint after checking it; on any mismatch a ValueError names the parameter
+        and nothing changes. Checked: group sizes, parameter names (when saved), the block plan
+        (when saved; checkpoints written through torch.distributed.checkpoint have none) and the
+        shape of every state tensor. State tensors keep their saved dtype (fp32 state of bf16
+        params stays fp32)."""
         if not isinstance(state_dict, Mapping) or "state" not in state_dict \
                 or "param_groups" not in state_dict:
             raise ValueError("not an optimizer state dict: expected a mapping with 'state' and "
                              "'param_groups' (pass optimizer.state_dict())")
-        if "plan" not in state_dict:
-            raise ValueError("checkpoint has no 'plan': it was not saved by AdamMini.state_dict()")
-        self._check_plan(state_dict["plan"])
+        self._check_groups(state_dict["param_groups"])
+        if "plan" in state_dict:
+            self._check_plan(state_dict["plan"])
         self._check_state_shapes(state_dict)
         super().load_state_dict({k: v for k, v in state_dict.items() if k != "plan"})
         self._restore_saved_dtypes(state_dict)
 
     def _restore_saved_dtypes(self, state_dict: Mapping[str, Any]) -> None:
-        """torch casts floating state to the parameter dtype on load; put back the saved dtype
-        (fp32 state of bf16 params must stay fp32 for an exact resume)."""
+        """torch casts floating state to the parameter dtype on load (and calls the base class's
+        cast policy directly, so it cannot be overridden); put back the saved dtypes."""
         for saved, group in zip(state_dict["param_groups"], self.param_groups):
             for index, param in zip(saved["params"], group["params"]):
                 for key, value in state_dict["state"].get(index, {}).items():
-                    if key != "step":
+                    if key != "step" and self.state[param][key].dtype != value.dtype:
                         self.state[param][key] = value.to(device=param.device)
 
+    def _check_groups(self, saved_groups: Any) -> None:
+        if not isinstance(saved_groups, (list, tuple)) or len(saved_groups) != len(self.param_groups):
+            count = len(saved_groups) if isinstance(saved_groups, (list, tuple)) else "no list of"
+            raise ValueError(f"checkpoint has {count} param groups but this optimizer has "
+                             f"{len(self.param_groups)}: build the optimizer with the same groups")
+        for index, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            ids = saved.get("params", [])
+            if len(ids) != len(group["params"]):
+                raise ValueError(f"checkpoint param group {index} has {len(ids)} parameters but this "
+                                 f"optimizer's has {len(group['params'])}")
+            names = saved.get("param_names")
+            if names is None:
+                continue
+            for position, (theirs, mine) in enumerate(zip(names, group["param_names"])):
+                if theirs != mine:
+                    raise ValueError(f"checkpoint param group {index} holds {theirs!r} at position "
+                                     f"{position} where this optimizer has {mine!r}: give the "
+                                     f"parameters in the same order as when it was saved")
+
     def _check_plan(self, saved: Any) -> None:
-        mine = self.plan.to_dict()
-        if saved == mine:
-            return
         if not isinstance(saved, Mapping):
             raise ValueError("checkpoint 'plan' is not a mapping: the checkpoint is damaged")
+        mine = self.plan.to_dict()
         for name in [*mine, *(n for n in saved if n not in mine)]:
-            if mine.get(name) != saved.get(name):
+            if _layout_of(mine.get(name)) != _layout_of(saved.get(name)):
                 raise ValueError(f"checkpoint was saved with another block plan: parameter {name!r} "
                                  f"is {_describe(saved.get(name))} in the checkpoint but "
                                  f"{_describe(mine.get(name))} here; load it into the same model "
                                  f"with the same plan")
-        raise ValueError("checkpoint plan differs from this optimizer's plan (parameter order)")
 
     def _check_state_shapes(self, state_dict: Mapping[str, Any]) -> None:
-        saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(f"checkpoint has {len(saved_groups)} param groups but this optimizer "
-                             f"has {len(self.param_groups)}")
-        for saved, group in zip(saved_groups, self.param_groups):
-            ids = saved.get("params", [])
-            if len(ids) != len(group["params"]):
-                raise ValueError(f"checkpoint group has {len(ids)} parameters but this optimizer's "
-                                 f"group has {len(group['params'])}")
-            for index, name, param in zip(ids, group["param_names"], group["params"]):
+        for saved, group in zip(state_dict["param_groups"], self.param_groups):
+            for index, name, param in zip(saved["params"], group["param_names"], group["params"]):
                 slots = state_dict["state"].get(index)
                 if slots is not None:
                     self._check_slots(name, param, slots)
@@ -161,29 +232,34 @@ class AdamMini(torch.optim.Optimizer):
         if not isinstance(slots, Mapping) or set(slots) != set(STATE_KEYS):
             keys = sorted(slots) if isinstance(slots, Mapping) else type(slots).__name__
             raise ValueError(f"checkpoint state of parameter {name!r} has keys {keys}, expected "
-                             f"{list(STATE_KEYS)}")
+                             f"{list(STATE_KEYS)}: it was not saved by AdamMini")
         expected = {"step": (), "m": tuple(param.shape), "v": self.plan[name].layout.v_shape}
         for key, shape in expected.items():
             value = slots[key]
             if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
                 got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
                 raise ValueError(f"checkpoint state {key!r} of parameter {name!r} has shape {got}, "
-                                 f"expected {shape}: the checkpoint is from another model")
+                                 f"expected {shape}: the checkpoint is from another model or plan")
 
-    # ----- helpers ----------------------------------------------------------------------------
-    def _named_params(self) -> list[tuple[str, torch.Tensor]]:
-        return [pair for group in self.param_groups
-                for pair in zip(group["param_names"], group["params"])]
+    # ----- pickling / copying -----------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "plan": self.plan, "state_dtype": self.state_dtype,
+                "_plan_kwargs": self._plan_kwargs}
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a named group (``"params"``: ``(name, param)`` pairs); it joins the block plan."""
-        super().add_param_group(param_group)
-        if hasattr(self, "plan"):  # groups added after construction extend the plan
-            group = self.param_groups[-1]
-            new = [(n, p) for n, p in zip(group["param_names"], group["params"])
-                   if n not in self.plan]
-            if new:
-                self.plan = self.plan.merged(plan_blocks(new))
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._chains = []  # groups may be new dicts (load_state_dict, unpickling): rebuild lazily
+        self._layouts = (None, {})
+
+
+def _layout_of(entry: Any) -> Any:
+    if not isinstance(entry, Mapping):
+        return entry
+    return tuple(_as_tuple(entry.get(key)) for key in _LAYOUT_FIELDS)
+
+
+def _as_tuple(value: Any) -> Any:
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 def _describe(entry: Any) -> str:
@@ -192,12 +268,27 @@ def _describe(entry: Any) -> str:
     return f"shape {entry.get('shape')} blocked {entry.get('pattern')!r}"
 
 
-def _check_decay_mask(decay_mask: Any) -> None:
-    if decay_mask not in DECAY_MASKS:
-        raise ValueError(f"invalid decay_mask={decay_mask!r}: use one of {sorted(DECAY_MASKS)}")
+def _check_group(group: Mapping[str, Any], index: int) -> None:
+    """Validate one param group's hyperparameters, naming the group."""
+    where = f"param group {index}: "
+    lr = group["lr"]
+    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+        raise ValueError(f"{where}lr must be a float or a one-element tensor, got shape "
+                         f"{tuple(lr.shape)}")
+    try:
+        check_number("lr", lr, 0.0)
+        check_betas(group["betas"])
+        check_number("eps", group["eps"], 0.0)
+        check_number("weight_decay", group["weight_decay"], 0.0)
+        check_number("eps_root", group["eps_root"], 0.0)
+    except ValueError as error:
+        raise ValueError(where + str(error)) from None
+    if group["decay_mask"] not in DECAY_MASKS:
+        raise ValueError(f"{where}invalid decay_mask={group['decay_mask']!r}: use one of "
+                         f"{sorted(DECAY_MASKS)} (or weight_decay=0.0 for the group)")
 
 
-def _named_groups(params: Iterable[Any], plan: Any) -> list[dict[str, Any]]:
+def _named_groups(params: Iterable[Any], names_by_id: dict[int, str]) -> list[dict[str, Any]]:
     """Normalise every accepted form of ``params`` into named param groups."""
     if isinstance(params, torch.Tensor):
         raise TypeError("params must be an iterable of (name, parameter) pairs or of param groups, "
@@ -206,15 +297,16 @@ def _named_groups(params: Iterable[Any], plan: Any) -> list[dict[str, Any]]:
     if not items:
         raise ValueError("AdamMini got an empty parameter list")
     groups = items if all(isinstance(item, Mapping) for item in items) else [{"params": items}]
-    names_by_id = ({id(p): n for n, p in plan.named_parameters()}
-                   if isinstance(plan, nn.Module) else {})
     return [_named_group(dict(group), names_by_id) for group in groups]
 
 
 def _named_group(group: dict[str, Any], names_by_id: dict[int, str]) -> dict[str, Any]:
     if "params" not in group:
         raise ValueError("a param group needs a 'params' entry of (name, parameter) pairs")
-    members = list(group["params"])
+    members = group["params"]
+    members = [members] if isinstance(members, torch.Tensor) else list(members)
+    if "param_names" in group:  # torch's own named-group form: parallel lists
+        members = list(zip(group.pop("param_names"), members))
     named = []
     for member in members:
         if isinstance(member, tuple) and len(member) == 2 and isinstance(member[0], str):
@@ -222,9 +314,10 @@ def _named_group(group: dict[str, Any], names_by_id: dict[int, str]) -> dict[str
         elif isinstance(member, torch.Tensor) and id(member) in names_by_id:
             named.append((names_by_id[id(member)], member))
         elif isinstance(member, torch.Tensor):
-            raise ValueError("AdamMini needs parameter names to choose each tensor's blocks: pass "
-                             "model.named_parameters() (or named groups), or plan=model to look "
-                             "the names up in the module")
+            raise ValueError(f"AdamMini needs parameter names to choose each tensor's blocks, but "
+                             f"got an unnamed tensor of shape {tuple(member.shape)}: pass "
+                             f"model.named_parameters() (or groups of (name, param) pairs), or "
+                             f"plan=model to look the names up in the module")
         else:
             raise TypeError(f"AdamMini params must be (name, tensor) pairs, got "
                             f"{type(member).__name__}")
@@ -243,10 +336,15 @@ def _reject_duplicates(groups: list[dict[str, Any]]) -> None:
 
 
 def _resolve_plan(plan: Any, named: list[tuple[str, torch.Tensor]], **plan_kwargs) -> BlockPlan:
+    """The optimizer's plan. A module is planned from its structure; tensors it leaves out (frozen
+    ones) are planned from their names. A given BlockPlan must cover every parameter."""
     if plan is None:
         return plan_blocks(named, **plan_kwargs)
     if isinstance(plan, nn.Module):
         plan = plan_blocks(plan, **plan_kwargs)
+        missing = [(n, p) for n, p in named if n not in plan]
+        if missing:
+            plan = plan.merged(plan_blocks(missing, **plan_kwargs))
     if not isinstance(plan, BlockPlan):
         raise TypeError(f"plan must be a BlockPlan, an nn.Module or None, got {type(plan).__name__}")
     for name, param in named:
@@ -257,3 +355,6 @@ def _resolve_plan(plan: Any, named: list[tuple[str, torch.Tensor]], **plan_kwarg
             raise ValueError(f"parameter {name!r} has shape {tuple(param.shape)} but the plan was "
                              f"made for {plan[name].shape}; rebuild the plan")
     return plan
+
+
+__all__ = ["AdamMini", "STATE_KEYS", "init_slots", "param_step"]
