@@ -222,11 +222,17 @@ class AdamMini(torch.optim.Optimizer):
                                  f"with the same plan")
 
     def _check_state_shapes(self, state_dict: Mapping[str, Any]) -> None:
+        known = set()
         for saved, group in zip(state_dict["param_groups"], self.param_groups):
+            known.update(saved["params"])
             for index, name, param in zip(saved["params"], group["param_names"], group["params"]):
                 slots = state_dict["state"].get(index)
                 if slots is not None:
                     self._check_slots(name, param, slots)
+        unknown = [index for index in state_dict["state"] if index not in known]
+        if unknown:
+            raise ValueError(f"checkpoint has state for parameter ids {unknown[:5]} that no param "
+                             f"group lists: the checkpoint is damaged or from another optimizer")
 
     def _check_slots(self, name: str, param: torch.Tensor, slots: Any) -> None:
         if not isinstance(slots, Mapping) or set(slots) != set(STATE_KEYS):
@@ -240,6 +246,10 @@ class AdamMini(torch.optim.Optimizer):
                 got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
                 raise ValueError(f"checkpoint state {key!r} of parameter {name!r} has shape {got}, "
                                  f"expected {shape}: the checkpoint is from another model or plan")
+            local = value.to_local() if hasattr(value, "to_local") else value
+            if local.is_floating_point() and not bool(torch.isfinite(local).all()):
+                raise ValueError(f"checkpoint state {key!r} of parameter {name!r} holds NaN or "
+                                 f"Inf: the checkpoint is corrupt; use an earlier one")
 
     # ----- pickling / copying -----------------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
