@@ -16,6 +16,7 @@ shape against this optimizer before anything is changed.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Iterable, Mapping
 
 import torch
@@ -23,6 +24,7 @@ from torch import nn
 
 from .alias import DECAY_MASKS, adam_mini, adam_mini_slots, adam_mini_state_from_slots
 from .base import GradientTransformation, check_betas, check_number
+from .guards import all_finite, check_policy, nonfinite_names
 from .plan import BlockPlan, plan_blocks
 
 STATE_KEYS = ("step", "m", "v")
@@ -63,6 +65,9 @@ class AdamMini(torch.optim.Optimizer):
     the names with ``dim`` / ``n_heads`` / ``n_kv_heads``. ``decay_mask``: ``"matrices"`` (no decay
     for tensors with fewer than 2 dims, the default), ``"all"`` or ``"official"``.
     ``state_dtype``: dtype of ``m`` and ``v`` (default: the parameter's; e.g. fp32 for bf16 params).
+    ``nonfinite``: what a step does when a gradient holds NaN or Inf: ``"skip"`` (default: nothing
+    changes, a RuntimeWarning is issued and ``group["nonfinite_skipped"]`` counts it; one host sync
+    per step), ``"raise"`` (``FloatingPointError`` naming the parameters) or ``"apply"`` (no check).
     """
 
     def __init__(self, params: Iterable[Any], lr: float | torch.Tensor = 1e-3,
@@ -70,7 +75,8 @@ class AdamMini(torch.optim.Optimizer):
                  weight_decay: float = 0.0, *, plan: BlockPlan | nn.Module | None = None,
                  dim: int | None = None, n_heads: int | None = None,
                  n_kv_heads: int | None = None, state_dtype: torch.dtype | None = None,
-                 decay_mask: str = "matrices", eps_root: float = 0.0):
+                 decay_mask: str = "matrices", eps_root: float = 0.0, nonfinite: str = "skip"):
+        self.nonfinite = check_policy(nonfinite)
         if state_dtype is not None and not (isinstance(state_dtype, torch.dtype)
                                             and state_dtype.is_floating_point):
             raise TypeError(f"state_dtype must be a floating torch.dtype such as torch.float32, "
@@ -80,7 +86,7 @@ class AdamMini(torch.optim.Optimizer):
         groups = _named_groups(params, self._names_by_id)
         _reject_duplicates(groups)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                        decay_mask=decay_mask, eps_root=eps_root)
+                        decay_mask=decay_mask, eps_root=eps_root, nonfinite_skipped=0)
         self.state_dtype = state_dtype
         self._plan_kwargs = dict(dim=dim, n_heads=n_heads, n_kv_heads=n_kv_heads)
         self._chains: list[tuple[dict, tuple, GradientTransformation]] = []
@@ -96,16 +102,15 @@ class AdamMini(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        grads = self._checked_gradients()
+        if self.nonfinite != "apply" and not self._finite_or_skip(grads):
+            return loss
         for index, group in enumerate(self.param_groups):
             tx = self._chain(index, group)
             for name, param in zip(group["param_names"], group["params"]):
                 grad = param.grad
                 if grad is None:
                     continue
-                if grad.is_sparse:
-                    raise ValueError(f"parameter {name!r} has a sparse gradient, which AdamMini "
-                                     f"does not support; use dense gradients (e.g. "
-                                     f"nn.Embedding(sparse=False))")
                 state = self.state[param]
                 if not state:
                     state.update(init_slots(tx, name, param))
@@ -113,6 +118,32 @@ class AdamMini(torch.optim.Optimizer):
                 param.add_(update.to(param.dtype))
                 state.update(slots)
         return loss
+
+    def _checked_gradients(self) -> dict[str, torch.Tensor]:
+        """Every gradient of this step, validated before any parameter or state changes."""
+        grads = {}
+        for name, param in self._named_params():
+            if param.grad is None:
+                continue
+            if param.grad.is_sparse:
+                raise ValueError(f"parameter {name!r} has a sparse gradient, which AdamMini does "
+                                 f"not support; use dense gradients (e.g. nn.Embedding(sparse=False))")
+            grads[name] = param.grad
+        return grads
+
+    def _finite_or_skip(self, grads: dict[str, torch.Tensor]) -> bool:
+        """The non-finite policy: True if the step may go on (one host sync per step)."""
+        if bool(all_finite(grads)):
+            return True
+        names = nonfinite_names(grads)
+        if self.nonfinite == "raise":
+            raise FloatingPointError(f"non-finite gradient in {names}; the step was not applied")
+        for group in self.param_groups:
+            group["nonfinite_skipped"] += 1
+        warnings.warn(f"AdamMini skipped a step: non-finite gradient in {names[:5]} "
+                      f"({self.param_groups[0]['nonfinite_skipped']} skipped so far)",
+                      RuntimeWarning, stacklevel=3)
+        return False
 
     def _chain(self, index: int, group: dict[str, Any]) -> GradientTransformation:
         """The group's :func:`adam_mini` chain, built once and rebuilt only when ``betas``,
@@ -254,7 +285,7 @@ class AdamMini(torch.optim.Optimizer):
     # ----- pickling / copying -----------------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
         return {**super().__getstate__(), "plan": self.plan, "state_dtype": self.state_dtype,
-                "_plan_kwargs": self._plan_kwargs}
+                "_plan_kwargs": self._plan_kwargs, "nonfinite": self.nonfinite}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
