@@ -134,30 +134,34 @@ def test_changed_betas_reach_the_math():
         assert torch.equal(ours[k], ref[k]), k
 
 
-def test_a_step_allocates_temporaries_of_one_parameter_not_of_the_model():
-    """Peak memory above what a step keeps (the state) stays a few parameters' size; computing all
-    updates at once (torch's foreach AdamW) would need the whole model's size."""
+def step_memory(make_optimizer, layers=32, width=64):
+    """(peak bytes above what the step keeps, bytes it keeps) for the first step of
+    ``make_optimizer(model)`` on ``layers`` Linear(width, width), from the profiler's allocator
+    timeline. Print it in units of one parameter:
+    ``cd tests && python -c "import test_optim as t, adam_mini_tx as amx; print(t.step_memory(lambda m: amx.AdamMini(m.named_parameters()))[0] / 64**2 / 4)"``"""
     from torch.profiler._memory_profiler import Action
 
-    def transient_and_kept(make_optimizer):
-        model = nn.Sequential(*[nn.Linear(64, 64, bias=False) for _ in range(32)])
-        random_grads(model)
-        opt = make_optimizer(model)
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True,
-                     record_shapes=True, with_stack=True) as prof:
-            opt.step()
-        live = peak = 0
-        for _, action, _, size in sorted(prof._memory_profile().timeline, key=lambda e: e[0]):
-            live += size if action == Action.CREATE else -size if action == Action.DESTROY else 0
-            peak = max(peak, live)
-        return peak - live, live
+    model = nn.Sequential(*[nn.Linear(width, width, bias=False) for _ in range(layers)])
+    random_grads(model)
+    opt = make_optimizer(model)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True,
+                 record_shapes=True, with_stack=True) as prof:
+        opt.step()
+    live = peak = 0
+    for _, action, _, size in sorted(prof._memory_profile().timeline, key=lambda e: e[0]):
+        live += size if action == Action.CREATE else -size if action == Action.DESTROY else 0
+        peak = max(peak, live)
+    return peak - live, live
 
+
+def test_a_step_allocates_temporaries_of_one_parameter_not_of_the_model():
+    """Peak memory above what a step keeps (the state) stays a few parameters' size; computing all
+    updates at once (torch's foreach AdamW) needs the whole model's size."""
     param_bytes, model_bytes = 64 * 64 * 4, 32 * 64 * 64 * 4
-    transient, kept = transient_and_kept(
-        lambda m: amx.AdamMini(m.named_parameters(), weight_decay=0.1))
+    transient, kept = step_memory(lambda m: amx.AdamMini(m.named_parameters(), weight_decay=0.1))
     assert kept >= model_bytes  # the first moment (and v) really were created in the window
     assert transient <= 6 * param_bytes, transient / param_bytes  # the model has 32 parameters
-    foreach, _ = transient_and_kept(lambda m: torch.optim.AdamW(m.parameters(), foreach=True))
+    foreach, _ = step_memory(lambda m: torch.optim.AdamW(m.parameters(), foreach=True))
     assert foreach >= model_bytes  # the measurement sees whole-model temporaries when they exist
 
 
