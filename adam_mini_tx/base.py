@@ -13,6 +13,7 @@ States are NamedTuples of tensors (and dicts of tensors); step counts are 0-d te
 """
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any, Callable, Mapping, NamedTuple, Protocol, Union
 
@@ -71,6 +72,7 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
         if len(state) != len(transforms):
             raise ValueError(f"chain state has {len(state)} entries but the chain has "
                              f"{len(transforms)} transforms: was it made by this chain's init?")
+        check_gradients(updates)
         grads = updates
         new_states = []
         for transform, inner in zip(transforms, state):
@@ -112,17 +114,38 @@ def check_same_keys(reference: Mapping[str, Any], other: Mapping[str, Any], othe
                          f"one tensor per parameter, keyed by the parameter's name.")
 
 
+def check_gradients(grads: Mapping[str, torch.Tensor]) -> None:
+    """Raise a ValueError/TypeError naming the parameter if a gradient is not a dense, real
+    floating-point tensor. Reads only static properties (layout, dtype): no host sync, so it is
+    free under ``torch.compile`` and ``vmap``. :func:`chain` checks its input with it."""
+    for name, grad in grads.items():
+        if not isinstance(grad, torch.Tensor):
+            raise TypeError(f"the gradient of parameter {name!r} is a {type(grad).__name__}; "
+                            f"pass one tensor per parameter")
+        if grad.layout != torch.strided:
+            raise ValueError(f"parameter {name!r} has a sparse gradient ({grad.layout}), which "
+                             f"Adam-mini does not support; use dense gradients (grad.to_dense(), "
+                             f"or nn.Embedding(sparse=False))")
+        if not grad.is_floating_point():
+            raise TypeError(f"parameter {name!r} has a gradient of dtype {grad.dtype}; Adam-mini "
+                            f"needs real floating-point gradients (optimize "
+                            f"torch.view_as_real(param) for complex parameters)")
+
+
 def check_number(name: str, value: Any, low: float, high: float | None = None, *,
                  high_inclusive: bool = False) -> None:
-    """Validate a hyperparameter given as a Python number (tensors and schedules are checked
-    where their value is known, never by a host sync inside a traced step)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    """Validate a hyperparameter given as a Python number: finite and in range (NaN or Inf would
+    silently turn every parameter into NaN). Tensors and schedules are checked where their value
+    is known, never by a host sync inside a traced step; anything else is a TypeError."""
+    if isinstance(value, torch.Tensor) or callable(value):
         return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"invalid {name}={value!r}: pass a Python number or a 0-d tensor")
     above = value > high if high_inclusive else value >= high if high is not None else False
-    if value < low or above:
+    if not math.isfinite(value) or value < low or above:
         bound = "" if high is None else (f", {high}]" if high_inclusive else f", {high})")
-        interval = f"[{low}{bound}" if high is not None else f">= {low}"
-        raise ValueError(f"invalid {name}={value}: it must be in {interval}")
+        interval = f"in [{low}{bound}" if high is not None else f">= {low}"
+        raise ValueError(f"invalid {name}={value}: it must be a finite number {interval}")
 
 
 def check_betas(betas: Any) -> tuple[float, float]:
