@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import numbers
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -221,6 +222,11 @@ def _check_plannable(name: str, tensor: torch.Tensor) -> None:
 
 
 def _explicit_dims(from_config: ModelDims, n_heads, n_kv_heads, head_dim) -> ModelDims:
+    for arg, value in (("n_heads", n_heads), ("n_kv_heads", n_kv_heads), ("head_dim", head_dim)):
+        if value is not None and (isinstance(value, bool)
+                                  or not isinstance(value, numbers.Integral) or value < 1):
+            raise ValueError(f"invalid {arg}={value!r}: pass a positive int, or None to read it "
+                             f"from the model's config")
     if n_heads is not None and n_kv_heads is not None and n_heads % n_kv_heads:
         raise ValueError(f"n_heads={n_heads} is not a multiple of n_kv_heads={n_kv_heads}")
     if n_heads is None and n_kv_heads is None and head_dim is None:
