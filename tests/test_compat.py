@@ -19,7 +19,7 @@ HYPER = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 def hf_llama(**config):
     torch.manual_seed(0)
     config = transformers.LlamaConfig(**{**dict(
-        hidden_size=32, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+        hidden_size=32, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=1,
         intermediate_size=48, vocab_size=40, mlp_bias=True), **config})
     return transformers.LlamaForCausalLM(config)
 
