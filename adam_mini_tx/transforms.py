@@ -175,6 +175,11 @@ def blockwise_mean_square(b2: float | torch.Tensor = 0.999, plan: PlanLike = Non
         nu, out = {}, {}
         for name, v in state.nu.items():
             layout = layouts[name]
+            if tuple(v.shape) != tuple(layout.v_shape):
+                raise ValueError(f"parameter {name!r}: the second-moment state has shape "
+                                 f"{tuple(v.shape)} but its block layout needs {layout.v_shape}; "
+                                 f"the state was made with another block plan: init it with this "
+                                 f"transform")
             g = grads[name].to(v.dtype)
             v = v * _as_weight(b2, v) + layout.mean_square(g) * _as_weight(1 - b2, v)
             nu[name] = v
