@@ -62,9 +62,36 @@ def test_matches_the_official_run_on_a_hugging_face_llama_with_gqa():
     assert k_ours.shape == (2,) and k_theirs.numel() == 2
 
 
-def test_matches_the_official_package_on_a_fixed_gradient_sequence():
+class MetaLlama(nn.Module):
+    """Meta's Llama names (tok_embeddings, attention.wq ... feed_forward.w1, output), with GQA."""
+
+    def __init__(self, vocab=40, dim=32, n_heads=4, n_kv_heads=2, hidden=48, layers=2):
+        super().__init__()
+        head_dim = dim // n_heads
+        self.tok_embeddings = nn.Embedding(vocab, dim)
+        self.layers = nn.ModuleList()
+        for _ in range(layers):
+            block = nn.Module()
+            block.attention = nn.Module()
+            block.attention.wq = nn.Linear(dim, n_heads * head_dim, bias=False)
+            block.attention.wk = nn.Linear(dim, n_kv_heads * head_dim, bias=False)
+            block.attention.wv = nn.Linear(dim, n_kv_heads * head_dim, bias=False)
+            block.attention.wo = nn.Linear(n_heads * head_dim, dim, bias=False)
+            block.feed_forward = nn.Module()
+            block.feed_forward.w1 = nn.Linear(dim, hidden, bias=False)
+            block.feed_forward.w2 = nn.Linear(hidden, dim, bias=False)
+            block.feed_forward.w3 = nn.Linear(dim, hidden, bias=False)
+            block.attention_norm = nn.RMSNorm(dim)
+            block.ffn_norm = nn.RMSNorm(dim)
+            self.layers.append(block)
+        self.norm = nn.RMSNorm(dim)
+        self.output = nn.Linear(dim, vocab, bias=False)
+
+
+@pytest.mark.parametrize("make_model", [TinyLlama, MetaLlama], ids=["hf-names", "meta-names"])
+def test_matches_the_official_package_on_a_fixed_gradient_sequence(make_model):
     torch.manual_seed(0)
-    model, twin = TinyLlama(), TinyLlama()
+    model, twin = make_model(), make_model()
     twin.load_state_dict(model.state_dict())
     grads_seq = gradient_sequence(initial_params(model), 50, seed=3)
     dims = dict(dim=32, **HEADS, verbose=False)
