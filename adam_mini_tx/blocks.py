@@ -93,9 +93,11 @@ class BlockLayout:
     def row_sums_of_squares(self, g: torch.Tensor) -> torch.Tensor:
         """``sum_j g[r, j]**2`` for every row ``r``; shape ``row_shape``."""
         x = self._permute(g)
-        square = x * x
         feature_axes = tuple(range(self.row_dims, x.dim()))
-        return square.sum(dim=feature_axes) if feature_axes else square
+        if not feature_axes:
+            return x * x
+        # one read of g and no full-size temporary (vector_norm's gradient at 0 is 0, not NaN)
+        return torch.linalg.vector_norm(x, dim=feature_axes).square()
 
     def blocks_from_row_sums(self, row_sums: torch.Tensor) -> torch.Tensor:
         """Per-row sums of squares -> per-block mean squares, shape ``v_shape``."""

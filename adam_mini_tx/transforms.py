@@ -125,10 +125,10 @@ class _Layouts:
             return plan_blocks(dict(tensors), **self._plan_kwargs).layouts()
         if isinstance(self._given, BlockPlan):
             given = self._given.layouts()
-        elif callable(self._given):
-            given = self._given(tensors)
-        else:
+        elif isinstance(self._given, Mapping):
             given = self._given
+        else:
+            given = self._given(tensors)
         layouts = {}
         for name, tensor in tensors.items():
             if name not in given:
@@ -214,7 +214,12 @@ def decoupled_decay(weight_decay: ScalarOrSchedule = 1e-2) -> GradientTransforma
         check_same_structure(updates, params, "params", "updates")
         count = state.count + 1
         wd = resolve(weight_decay, count)
-        out = {name: u + _as_weight(wd, u) * params[name].to(u.dtype) for name, u in updates.items()}
+        if isinstance(wd, torch.Tensor):
+            out = {name: u + wd.to(u.dtype) * params[name].to(u.dtype) for name, u in updates.items()}
+        elif wd == 0:
+            out = dict(updates)
+        else:  # a Python number: one fused pass, u + wd * p
+            out = {name: u.add(params[name].to(u.dtype), alpha=wd) for name, u in updates.items()}
         return out, CountState(count)
 
     return GradientTransformation(init, update)
