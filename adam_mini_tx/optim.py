@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .alias import DECAY_MASKS, adam_mini, adam_mini_slots, adam_mini_state_from_slots
-from .base import GradientTransformation, check_betas, check_number
+from .base import GradientTransformation, check_betas, check_gradients, check_number
 from .guards import all_finite, check_policy, nonfinite_names
 from .plan import BlockPlan, plan_blocks
 
@@ -31,6 +31,7 @@ STATE_KEYS = ("step", "m", "v")
 """The keys of ``optimizer.state[p]`` (see the module docstring)."""
 
 _LAYOUT_FIELDS = ("shape", "perm", "row_dims", "runs")  # what a plan entry means for the state
+_HYPERPARAMETERS = ("lr", "betas", "eps", "weight_decay", "decay_mask", "eps_root")
 
 
 def param_step(tx: GradientTransformation, name: str, param: torch.Tensor, grad: torch.Tensor,
@@ -85,7 +86,7 @@ class AdamMini(torch.optim.Optimizer):
                              if isinstance(plan, nn.Module) else {})
         groups = _named_groups(params, self._names_by_id)
         _reject_duplicates(groups)
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+        defaults = dict(lr=lr, betas=check_betas(betas), eps=eps, weight_decay=weight_decay,
                         decay_mask=decay_mask, eps_root=eps_root, nonfinite_skipped=0)
         self.state_dtype = state_dtype
         self._plan_kwargs = dict(dim=dim, n_heads=n_heads, n_kv_heads=n_kv_heads)
@@ -121,14 +122,9 @@ class AdamMini(torch.optim.Optimizer):
 
     def _checked_gradients(self) -> dict[str, torch.Tensor]:
         """Every gradient of this step, validated before any parameter or state changes."""
-        grads = {}
-        for name, param in self._named_params():
-            if param.grad is None:
-                continue
-            if param.grad.is_sparse:
-                raise ValueError(f"parameter {name!r} has a sparse gradient, which AdamMini does "
-                                 f"not support; use dense gradients (e.g. nn.Embedding(sparse=False))")
-            grads[name] = param.grad
+        grads = {name: param.grad for name, param in self._named_params()
+                 if param.grad is not None}
+        check_gradients(grads)
         return grads
 
     def _finite_or_skip(self, grads: dict[str, torch.Tensor]) -> bool:
@@ -198,14 +194,15 @@ class AdamMini(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Load a checkpoint after checking it; on any mismatch a ValueError names the parameter
-        and nothing changes. Checked: group sizes, parameter names (when saved), the block plan
-        (when saved; checkpoints written through torch.distributed.checkpoint have none) and the
-        shape of every state tensor. State tensors keep their saved dtype (fp32 state of bf16
-        params stays fp32)."""
-        if not isinstance(state_dict, Mapping) or "state" not in state_dict \
-                or "param_groups" not in state_dict:
-            raise ValueError("not an optimizer state dict: expected a mapping with 'state' and "
-                             "'param_groups' (pass optimizer.state_dict())")
+        and nothing changes. Checked: group sizes, parameter names (when saved), each group's
+        hyperparameters, the block plan (when saved; checkpoints written through
+        torch.distributed.checkpoint have none), and every state tensor's shape, dtype and values
+        (an integer step >= 0; finite ``m``; finite ``v >= 0``). State tensors keep their saved
+        dtype (fp32 state of bf16 params stays fp32)."""
+        if not isinstance(state_dict, Mapping) or "param_groups" not in state_dict \
+                or not isinstance(state_dict.get("state"), Mapping):
+            raise ValueError("not an optimizer state dict: expected a mapping with 'state' (a "
+                             "mapping) and 'param_groups' (pass optimizer.state_dict())")
         self._check_groups(state_dict["param_groups"])
         if "plan" in state_dict:
             self._check_plan(state_dict["plan"])
@@ -228,7 +225,8 @@ class AdamMini(torch.optim.Optimizer):
             raise ValueError(f"checkpoint has {count} param groups but this optimizer has "
                              f"{len(self.param_groups)}: build the optimizer with the same groups")
         for index, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
-            ids = saved.get("params", [])
+            self._check_saved_group(saved, index)
+            ids = saved["params"]
             if len(ids) != len(group["params"]):
                 raise ValueError(f"checkpoint param group {index} has {len(ids)} parameters but this "
                                  f"optimizer's has {len(group['params'])}")
@@ -240,6 +238,24 @@ class AdamMini(torch.optim.Optimizer):
                     raise ValueError(f"checkpoint param group {index} holds {theirs!r} at position "
                                      f"{position} where this optimizer has {mine!r}: give the "
                                      f"parameters in the same order as when it was saved")
+
+    @staticmethod
+    def _check_saved_group(saved: Any, index: int) -> None:
+        """A saved group is a mapping with a list of parameter ids and valid hyperparameters
+        (torch would load a hand-edited ``lr=-1`` or a group without ``eps`` and fail later)."""
+        where = f"checkpoint param group {index}"
+        if not isinstance(saved, Mapping) or not isinstance(saved.get("params"), (list, tuple)):
+            raise ValueError(f"{where} is not a mapping with a 'params' list: the checkpoint is "
+                             f"damaged; use an earlier one")
+        missing = [key for key in _HYPERPARAMETERS if key not in saved]
+        names = saved.get("param_names", [])
+        if missing or not isinstance(names, (list, tuple)):
+            raise ValueError(f"{where} lacks {missing or 'a param_names list'}: the checkpoint is "
+                             f"damaged or was not saved by AdamMini")
+        try:
+            _check_group(saved, index)
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"checkpoint {error}; the checkpoint is damaged") from None
 
     def _check_plan(self, saved: Any) -> None:
         if not isinstance(saved, Mapping):
@@ -278,9 +294,19 @@ class AdamMini(torch.optim.Optimizer):
                 raise ValueError(f"checkpoint state {key!r} of parameter {name!r} has shape {got}, "
                                  f"expected {shape}: the checkpoint is from another model or plan")
             local = value.to_local() if hasattr(value, "to_local") else value
-            if local.is_floating_point() and not bool(torch.isfinite(local).all()):
-                raise ValueError(f"checkpoint state {key!r} of parameter {name!r} holds NaN or "
-                                 f"Inf: the checkpoint is corrupt; use an earlier one")
+            if key == "step":
+                valid = not (local.is_floating_point() or local.is_complex()
+                             or local.dtype == torch.bool) and int(local) >= 0
+                wanted = "a non-negative integer count"
+            else:
+                valid = local.is_floating_point() and bool(torch.isfinite(local).all())
+                valid = valid and (key != "v" or bool((local >= 0).all()))
+                wanted = ("finite floating-point values" if key == "m" else
+                          "finite non-negative floating-point values (a mean of squares)")
+            if not valid:
+                raise ValueError(f"checkpoint state {key!r} of parameter {name!r} ({local.dtype}) "
+                                 f"does not hold {wanted}: the checkpoint is corrupt; use an "
+                                 f"earlier one")
 
     # ----- pickling / copying -----------------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
@@ -289,6 +315,8 @@ class AdamMini(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        for group in self.param_groups:  # checkpoints from before the count existed
+            group.setdefault("nonfinite_skipped", 0)
         self._chains = []  # groups may be new dicts (load_state_dict, unpickling): rebuild lazily
         self._layouts = (None, {})
 
@@ -322,8 +350,11 @@ def _check_group(group: Mapping[str, Any], index: int) -> None:
         check_number("eps", group["eps"], 0.0)
         check_number("weight_decay", group["weight_decay"], 0.0)
         check_number("eps_root", group["eps_root"], 0.0)
-    except ValueError as error:
-        raise ValueError(where + str(error)) from None
+    except (ValueError, TypeError) as error:
+        raise type(error)(where + str(error)) from None
+    skipped = group.get("nonfinite_skipped", 0)
+    if isinstance(skipped, bool) or not isinstance(skipped, int) or skipped < 0:
+        raise ValueError(f"{where}nonfinite_skipped={skipped!r} must be a count >= 0")
     if group["decay_mask"] not in DECAY_MASKS:
         raise ValueError(f"{where}invalid decay_mask={group['decay_mask']!r}: use one of "
                          f"{sorted(DECAY_MASKS)} (or weight_decay=0.0 for the group)")

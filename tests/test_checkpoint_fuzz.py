@@ -3,15 +3,19 @@ checkpoints: always a clear ValueError, never a crash or a silent misload, and n
 import copy
 import io
 import random
+import struct
+import zipfile
 
 import pytest
 import torch
+from torch.utils._pytree import tree_flatten
 
 import adam_mini_tx as amx
 from adam_mini_tx.checkpoint import load, save_atomic
 from test_oracles import TinyLlama
 
 HEADS = dict(n_heads=4, n_kv_heads=2)
+FLIP_TRIALS = 200
 
 
 def trained():
@@ -26,11 +30,18 @@ def trained():
 
 
 def snapshot(opt):
-    return {id(p): {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()}
+    state = {id(p): {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()}
+    return state, copy.deepcopy(hyperparameters(opt))
+
+
+def hyperparameters(opt):
+    return [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
 
 
 def unchanged(opt, before):
-    return all(torch.equal(v, before[id(p)][k]) for p, s in opt.state.items() for k, v in s.items())
+    state, groups = before
+    return hyperparameters(opt) == groups and all(
+        torch.equal(v, state[id(p)][k]) for p, s in opt.state.items() for k, v in s.items())
 
 
 def edits(sd):
@@ -61,6 +72,23 @@ def edits(sd):
         param_names=["x"] * len(d["param_groups"][0]["param_names"])))
     edit("m made non-finite", lambda d: d["state"][first]["m"].fill_(float("nan")))
     edit("unknown state index", lambda d: d["state"].update({999: d["state"][first]}))
+    edit("state is a list", lambda d: d.update(state=list(d["state"].values())))
+    edit("group is not a dict", lambda d: d.update(param_groups=[1]))
+    edit("group params not a list", lambda d: d["param_groups"][0].update(params=5))
+    edit("group names not a list", lambda d: d["param_groups"][0].update(param_names=3))
+    edit("group lr negative", lambda d: d["param_groups"][0].update(lr=-1.0))
+    edit("group lr NaN", lambda d: d["param_groups"][0].update(lr=float("nan")))
+    edit("group lr a string", lambda d: d["param_groups"][0].update(lr="1e-3"))
+    edit("group betas out of range", lambda d: d["param_groups"][0].update(betas=(0.9, 1.5)))
+    edit("group eps missing", lambda d: d["param_groups"][0].pop("eps"))
+    edit("group decay_mask unknown", lambda d: d["param_groups"][0].update(decay_mask="most"))
+    edit("skip count negative", lambda d: d["param_groups"][0].update(nonfinite_skipped=-2))
+    edit("step negative", lambda d: d["state"][first].update(step=torch.tensor(-3)))
+    edit("step a float", lambda d: d["state"][first].update(step=torch.tensor(2.5)))
+    edit("v negative", lambda d: d["state"][first]["v"].fill_(-1.0))
+    edit("m integer", lambda d: d["state"][first].update(m=d["state"][first]["m"].long()))
+    edit("v complex", lambda d: d["state"][first].update(
+        v=d["state"][first]["v"].to(torch.complex64)))
     return out
 
 
@@ -105,24 +133,48 @@ def test_random_truncations_of_a_checkpoint_file(tmp_path):
 
 
 def test_random_byte_flips_never_misload(tmp_path):
-    """Corrupted bytes either fail to load or load a state that the optimizer accepts or
-    refuses cleanly; there is no other outcome."""
+    """Flipped bytes anywhere in the file (tensor data, pickle, zip headers) either make load()
+    raise a ValueError or leave the content intact (padding bytes): never different numbers.
+    torch.load alone misses flips in tensor data (it does not check the zip CRCs)."""
     model, opt = trained()
+    saved = opt.state_dict()
     buffer = io.BytesIO()
-    torch.save(opt.state_dict(), buffer)
-    data = bytearray(buffer.getvalue())
+    torch.save(saved, buffer)
+    data = buffer.getvalue()
+    expected, expected_spec = tree_flatten(saved)
     rng = random.Random(1)
-    for trial in range(30):
+    refused = 0
+    for trial in range(FLIP_TRIALS):
         corrupt = bytearray(data)
-        for _ in range(4):
+        for _ in range(rng.choice([1, 4])):
             corrupt[rng.randrange(len(corrupt))] = rng.randrange(256)
         (tmp_path / "bad.pt").write_bytes(bytes(corrupt))
         try:
             state = load(tmp_path / "bad.pt")
         except ValueError:
+            refused += 1
             continue
-        _, fresh = trained()
-        try:
-            fresh.load_state_dict(state)
-        except ValueError:
-            continue
+        got, spec = tree_flatten(state)
+        assert spec == expected_spec, f"trial {trial}: structure changed"
+        for a, b in zip(expected, got):
+            same = (torch.equal(a, b) and a.dtype == b.dtype) if isinstance(a, torch.Tensor) \
+                else (type(a) is type(b) and a == b)
+            assert same, f"trial {trial}: a corrupted checkpoint loaded different values"
+    assert refused > FLIP_TRIALS // 2  # most flips hit data, so most must be refused
+
+
+def test_a_flipped_tensor_byte_is_refused(tmp_path):
+    """One flipped byte inside a tensor record: torch.load would return wrong numbers."""
+    model, opt = trained()
+    path = tmp_path / "ckpt.pt"
+    save_atomic(opt.state_dict(), path)
+    with zipfile.ZipFile(path) as archive:
+        record = next(i for i in archive.infolist() if "/data/" in i.filename
+                      and i.file_size >= 64)
+    data = bytearray(path.read_bytes())
+    name_and_extra = struct.unpack("<HH", data[record.header_offset + 26:record.header_offset + 30])
+    data[record.header_offset + 30 + sum(name_and_extra) + 17] ^= 0x40
+    path.write_bytes(bytes(data))
+    assert isinstance(torch.load(path, weights_only=True), dict)  # torch alone does not notice
+    with pytest.raises(ValueError, match=r"corrupt: record .*data/.* CRC-32"):
+        load(path)

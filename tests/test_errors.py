@@ -33,6 +33,24 @@ def functional_wrong_grad_shape():
     tx.update({"w.weight": torch.zeros(3, 4)}, tx.init(params), params)
 
 
+def functional_sparse_grad():
+    params = {"w.weight": torch.zeros(4, 3)}
+    tx = amx.adam_mini()
+    tx.update({"w.weight": torch.randn(4, 3).to_sparse()}, tx.init(params), params)
+
+
+def functional_complex_grad():
+    params = {"w.weight": torch.zeros(4, 3)}
+    tx = amx.adam_mini()
+    tx.update({"w.weight": torch.randn(4, 3, dtype=torch.complex64)}, tx.init(params), params)
+
+
+def functional_state_from_another_plan():
+    params = {"w.weight": torch.zeros(4, 3)}
+    other = amx.adam_mini(plan={"w.weight": amx.single_block((4, 3))})
+    amx.adam_mini().update({"w.weight": torch.ones(4, 3)}, other.init(params), params)
+
+
 def complex_param():
     amx.AdamMini([("z.weight", nn.Parameter(torch.zeros(3, 3, dtype=torch.complex64)))])
 
@@ -128,6 +146,20 @@ CASES = [
      "weight_decay="),
     (lambda: amx.clip_by_global_norm(-1.0), ValueError, "max_norm=-1.0"),
     (lambda: amx.plan_blocks([("a", 1)]), TypeError, "named parameters"),
+    (functional_sparse_grad, ValueError, r"'w.weight' has a sparse gradient.*dense"),
+    (functional_complex_grad, TypeError, r"'w.weight' has a gradient of dtype torch.complex64"),
+    (functional_state_from_another_plan, ValueError,
+     r"'w.weight': the second-moment state has shape \(\) but its block layout needs \(4,\)"),
+    (lambda: amx.AdamMini(TinyLlama().named_parameters(), lr=float("nan"), **HEADS), ValueError,
+     r"lr=nan: it must be a finite number"),
+    (lambda: amx.adam_mini(eps=float("inf")), ValueError, r"eps=inf: it must be a finite number"),
+    (lambda: amx.adamw(weight_decay=float("nan")), ValueError, r"weight_decay=nan"),
+    (lambda: amx.adam_mini(lr="1e-3"), TypeError, r"lr='1e-3': pass a Python number"),
+    (lambda: amx.AdamMini(TinyLlama().named_parameters(), betas=0.9, **HEADS), ValueError,
+     r"betas=0.9: pass a pair"),
+    (lambda: amx.plan_blocks(TinyLlama(), n_heads=0), ValueError, r"n_heads=0: pass a positive int"),
+    (lambda: amx.AdamMini(TinyLlama().named_parameters(), lr=torch.ones(2), **HEADS), ValueError,
+     r"lr must be a float or a one-element tensor"),
 ]
 
 
