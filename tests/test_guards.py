@@ -56,6 +56,30 @@ def test_skip_compiles_to_one_graph():
     assert counter.frame_count == 1 and int(state.skipped) == 1
 
 
+def test_skip_under_vmap_skips_only_the_members_with_a_bad_gradient():
+    """An ensemble of 4 members under vmap; members 1 and 3 get a NaN / Inf gradient."""
+    tx = skip_nonfinite(amx.adam_mini(lr=0.1, weight_decay=0.1))
+    stacked = {k: torch.stack([v + i for i in range(4)]) for k, v in PARAMS.items()}
+    grads_ = {k: torch.randn(4, *v.shape) for k, v in PARAMS.items()}
+    grads_["a.bias"][1, 0] = float("nan")
+    grads_["a.weight"][3, 2, 1] = float("inf")
+
+    def step(params, grads, state):
+        updates, state = tx.update(grads, state, params)
+        return amx.apply_updates(params, updates), state
+
+    states = torch.func.vmap(tx.init)(stacked)
+    new_params, new_states = torch.func.vmap(step)(stacked, grads_, states)
+    assert new_states.skipped.tolist() == [0, 1, 0, 1]
+    for member in range(4):
+        alone = {k: v[member] for k, v in stacked.items()}
+        expected, _ = step(alone, {k: v[member] for k, v in grads_.items()}, tx.init(alone))
+        for name in PARAMS:
+            assert torch.equal(new_params[name][member], expected[name]), (member, name)
+        if member in (1, 3):
+            assert all(torch.equal(new_params[k][member], alone[k]) for k in PARAMS)
+
+
 def test_unknown_policy():
     with pytest.raises(ValueError, match="nonfinite policy 'drop'"):
         skip_nonfinite(amx.adam_mini(), policy="drop")
