@@ -27,10 +27,13 @@ class NonFiniteState(NamedTuple):
 
 
 def all_finite(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-    """0-d bool: every element of every tensor is finite. One read of each tensor and no
-    full-size temporary: ``max |t|`` is finite exactly when every element is (NaN propagates)."""
-    peaks = [torch.linalg.vector_norm(t, float("inf")).float() for t in tensors.values()]
-    return torch.isfinite(torch.stack(peaks)).all() if peaks else torch.tensor(True)
+    """0-d bool: every element of every tensor is finite. One read of each tensor, no full-size
+    temporary: NaN and Inf propagate into a tensor's sum (accumulated in at least fp32), so the sums
+    are finite exactly when the elements are, unless a finite sum overflows fp32 (|sum| > 3e38),
+    which is then treated as non-finite too."""
+    sums = [t.sum(dtype=torch.promote_types(t.dtype, torch.float32)) for t in tensors.values()]
+    return torch.isfinite(torch.stack([s.float() for s in sums])).all() if sums \
+        else torch.tensor(True)
 
 
 def nonfinite_names(tensors: dict[str, torch.Tensor]) -> list[str]:

@@ -1,0 +1,176 @@
+"""Optimizer-step benchmark: adam_mini_tx vs torch.optim.AdamW vs the official adam-mini 1.1.1.
+
+Only ``optimizer.step()`` is timed, with fixed random gradients assigned before each step. All
+candidates are interleaved round by round in one process and reported as ratios to
+``AdamW(fused=True)``; each step is also compared with its own memory-bandwidth bound (bytes it
+must move / the machine's measured streaming bandwidth).
+
+    python benchmarks/bench_step.py                       # ~25M params, writes benchmarks/out/
+    python benchmarks/bench_step.py --sizes 25m,100m,350m --rounds 25
+
+Writes ``results.md`` (table), ``results.json`` and ``results.png`` into ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+import warnings
+
+import torch
+
+from adam_mini_tx import AdamMini
+from adam_mini_tx.demo.model import GPT, GPTConfig
+
+SIZES = {  # name -> (vocab, dim, layers, heads, kv heads, mlp hidden): Llama-shaped
+    "25m": (8000, 512, 6, 8, 4, 1376),
+    "100m": (32000, 768, 12, 12, 4, 2048),
+    "350m": (32000, 1024, 24, 16, 8, 2816),
+}
+# bytes moved per parameter (fp32): AdamW reads p, g, m, v and writes p, m, v; Adam-mini has no
+# per-element v but reads g twice (statistic, then update) in an unfused implementation.
+BYTES_PER_PARAM = {"adamw": 28, "adam_mini": 24}
+
+
+def candidates(model: GPT, heads: int, kv_heads: int) -> dict:
+    named = list(model.named_parameters())
+    params = [p for _, p in named]
+    made = {
+        "AdamW fused": ("adamw", lambda: torch.optim.AdamW(params, lr=1e-4, fused=True)),
+        "AdamW foreach": ("adamw", lambda: torch.optim.AdamW(params, lr=1e-4, foreach=True)),
+        "adam_mini_tx AdamMini": ("adam_mini", lambda: AdamMini(
+            named, lr=1e-4, n_heads=heads, n_kv_heads=kv_heads, nonfinite="apply")),
+        "adam_mini_tx AdamMini (nonfinite=skip)": ("adam_mini", lambda: AdamMini(
+            named, lr=1e-4, n_heads=heads, n_kv_heads=kv_heads)),
+    }
+    try:
+        import adam_mini
+
+        made["official adam-mini 1.1.1"] = ("adam_mini", lambda: adam_mini.Adam_mini(
+            named, lr=1e-4, dim=model.config.dim, n_heads=heads, n_kv_heads=kv_heads,
+            verbose=False))
+    except ImportError:
+        warnings.warn("adam-mini is not installed: the official package is not compared")
+    return {name: (kind, make()) for name, (kind, make) in made.items()}
+
+
+def stream_bandwidth(numel: int = 64 * 2**20, repeats: int = 15) -> float:
+    """Best bytes/s of ``dst.copy_(src)`` over fp32 tensors (one read + one write per element)."""
+    src, dst = torch.randn(numel), torch.empty(numel)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * 4 * numel / best
+
+
+def state_bytes(opt: torch.optim.Optimizer) -> int:
+    return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
+               if isinstance(t, torch.Tensor) and t.dim() > 0)
+
+
+def allocated_during_step(opt: torch.optim.Optimizer) -> int:
+    """Bytes allocated by the CPU allocator during one step (torch profiler)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                profile_memory=True) as prof:
+        opt.step()
+    return sum(e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0)
+
+
+def bench_size(size: str, rounds: int, warmup: int, device: torch.device) -> dict:
+    vocab, dim, layers, heads, kv, hidden = SIZES[size]
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab, dim, layers, heads, kv, hidden, max_seq=64)).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    grads = [torch.randn_like(p) for p in model.parameters()]
+    opts = candidates(model, heads, kv)
+    times = {name: [] for name in opts}
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for round_ in range(warmup + rounds):
+        for name, (_, opt) in opts.items():
+            for p, g in zip(model.parameters(), grads):
+                p.grad = g
+            sync()
+            start = time.perf_counter()
+            opt.step()
+            sync()
+            if round_ >= warmup:
+                times[name].append(time.perf_counter() - start)
+    bandwidth = stream_bandwidth() if device.type == "cpu" else float("nan")
+    adamw = statistics.median(times["AdamW fused"])
+    adamw_state = state_bytes(opts["AdamW fused"][1])
+    rows = []
+    for name, (kind, opt) in opts.items():
+        step = statistics.median(times[name])
+        bound = BYTES_PER_PARAM[kind] * n_params / bandwidth
+        rows.append({"candidate": name, "step_ms": 1e3 * step, "x_adamw_fused": step / adamw,
+                     "x_own_bound": step / bound, "state_bytes": state_bytes(opt),
+                     "state_x_adamw": state_bytes(opt) / adamw_state,
+                     "allocated_mib": allocated_during_step(opt) / 2**20 if device.type == "cpu"
+                     else float("nan")})
+    largest = max(p.numel() * p.element_size() for p in model.parameters())
+    return {"size": size, "params": n_params, "bandwidth_gbs": bandwidth / 1e9,
+            "largest_param_mib": largest / 2**20, "rows": rows}
+
+
+def markdown(results: list[dict], command: str) -> str:
+    lines = [f"Command: `{command}`  ", f"Machine: {platform.processor() or platform.machine()}, "
+             f"{torch.get_num_threads()} threads, torch {torch.__version__}", ""]
+    for res in results:
+        lines += [f"### {res['size']} ({res['params'] / 1e6:.1f}M params; streaming bandwidth "
+                  f"{res['bandwidth_gbs']:.1f} GB/s; largest tensor {res['largest_param_mib']:.1f} MiB)",
+                  "", "| candidate | step ms | x AdamW fused | x own bandwidth bound | state x AdamW "
+                  "| MiB allocated in a step |", "|---|---|---|---|---|---|"]
+        for r in res["rows"]:
+            lines.append(f"| {r['candidate']} | {r['step_ms']:.1f} | {r['x_adamw_fused']:.2f} | "
+                         f"{r['x_own_bound']:.2f} | {r['state_x_adamw']:.3f} | "
+                         f"{r['allocated_mib']:.0f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4), squeeze=False)
+    for ax, res in zip(axes[0], results):
+        names = [r["candidate"].replace("adam_mini_tx ", "").replace(" (nonfinite=skip)", "\n(skip)")
+                 for r in res["rows"]]
+        ax.barh(names, [r["x_adamw_fused"] for r in res["rows"]], color="C0")
+        ax.axvline(1.0, color="k", lw=0.8)
+        ax.set_xlabel("step time / AdamW(fused=True)")
+        ax.set_title(f"{res['size']}: {res['params'] / 1e6:.0f}M params")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="25m", help=f"comma-separated from {list(SIZES)}")
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out"))
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    results = [bench_size(s.strip(), args.rounds, args.warmup, torch.device(args.device))
+               for s in args.sizes.split(",")]
+    command = "python benchmarks/bench_step.py " + " ".join(
+        f"--{k} {v}" for k, v in (("sizes", args.sizes), ("rounds", args.rounds)))
+    table = markdown(results, command)
+    with open(os.path.join(args.out, "results.md"), "w") as handle:
+        handle.write(table)
+    with open(os.path.join(args.out, "results.json"), "w") as handle:
+        json.dump(results, handle, indent=2)
+    plot(results, os.path.join(args.out, "results.png"))
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
