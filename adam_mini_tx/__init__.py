@@ -2,7 +2,7 @@
 from .alias import adam_mini, adamw, decay_matrices_only, elementwise_plan
 from .base import GradientTransformation, apply_updates, chain, identity
 from .compat import Adam_mini
-from .guards import skip_nonfinite
+from .guards import nonfinite_guard
 from .optim import AdamMini
 from .blocks import BlockLayout, elementwise, fused_rows, per_head, per_row, single_block
 from .plan import BlockPlan, ParamBlocks, plan_blocks
@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdamMini", "Adam_mini",
-    "skip_nonfinite",
+    "nonfinite_guard",
     "adam_mini", "adamw", "decay_matrices_only", "elementwise_plan",
     "GradientTransformation", "apply_updates", "chain", "identity",
     "BlockLayout", "elementwise", "fused_rows", "per_head", "per_row", "single_block",

@@ -1,6 +1,6 @@
 """Non-finite gradients: a policy for the functional core.
 
-``skip_nonfinite(inner, policy)`` wraps any transform:
+``nonfinite_guard(inner, policy)`` wraps any transform:
 
 * ``"skip"``: if any gradient element is NaN or Inf, the updates are zero and the inner state is
   left exactly as it was (step counts included); ``state.skipped`` counts such steps. Pure: the
@@ -31,9 +31,9 @@ def all_finite(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     temporary: NaN and Inf propagate into a tensor's sum (accumulated in at least fp32), so the sums
     are finite exactly when the elements are, unless a finite sum overflows fp32 (|sum| > 3e38),
     which is then treated as non-finite too."""
-    sums = [t.sum(dtype=torch.promote_types(t.dtype, torch.float32)) for t in tensors.values()]
-    return torch.isfinite(torch.stack([s.float() for s in sums])).all() if sums \
-        else torch.tensor(True)
+    flags = [torch.isfinite(t.sum(dtype=torch.promote_types(t.dtype, torch.float32)))
+             for t in tensors.values()]
+    return torch.stack(flags).all() if flags else torch.tensor(True)
 
 
 def nonfinite_names(tensors: dict[str, torch.Tensor]) -> list[str]:
@@ -42,13 +42,15 @@ def nonfinite_names(tensors: dict[str, torch.Tensor]) -> list[str]:
 
 
 def check_policy(policy: str) -> str:
+    """``policy`` if it is one of :data:`POLICIES`, else a ValueError listing them."""
     if policy not in POLICIES:
         raise ValueError(f"invalid nonfinite policy {policy!r}: use one of {list(POLICIES)}")
     return policy
 
 
-def skip_nonfinite(inner: GradientTransformation, policy: str = "skip") -> GradientTransformation:
-    """Apply a non-finite-gradient ``policy`` around ``inner`` (see the module docstring)."""
+def nonfinite_guard(inner: GradientTransformation, policy: str = "skip") -> GradientTransformation:
+    """Apply a non-finite-gradient ``policy`` (``"skip"``, ``"raise"`` or ``"apply"``) around
+    ``inner``; the state is ``NonFiniteState(inner, skipped)`` (see the module docstring)."""
     check_policy(policy)
 
     def init(params: Params) -> NonFiniteState:

@@ -1,10 +1,10 @@
-"""skip_nonfinite: the non-finite-gradient policy of the functional core."""
+"""nonfinite_guard: the non-finite-gradient policy of the functional core."""
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounter
 
 import adam_mini_tx as amx
-from adam_mini_tx.guards import skip_nonfinite
+from adam_mini_tx.guards import all_finite, nonfinite_guard
 
 PARAMS = {"a.weight": torch.randn(4, 3), "a.bias": torch.randn(4)}
 
@@ -19,7 +19,7 @@ def grads(bad=None):
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_skip_leaves_params_and_state_untouched_and_counts(bad):
-    tx = skip_nonfinite(amx.adam_mini(lr=0.1, weight_decay=0.1))
+    tx = nonfinite_guard(amx.adam_mini(lr=0.1, weight_decay=0.1))
     state = tx.init(PARAMS)
     _, state = tx.update(grads(), state, PARAMS)
     updates, skipped = tx.update(grads(bad), state, PARAMS)
@@ -35,19 +35,19 @@ def test_skip_leaves_params_and_state_untouched_and_counts(bad):
 
 
 def test_raise_names_the_parameter():
-    tx = skip_nonfinite(amx.adam_mini(), policy="raise")
+    tx = nonfinite_guard(amx.adam_mini(), policy="raise")
     with pytest.raises(FloatingPointError, match=r"\['a.bias'\]"):
         tx.update(grads(float("nan")), tx.init(PARAMS), PARAMS)
 
 
 def test_apply_counts_but_applies():
-    tx = skip_nonfinite(amx.adam_mini(lr=0.1), policy="apply")
+    tx = nonfinite_guard(amx.adam_mini(lr=0.1), policy="apply")
     updates, state = tx.update(grads(float("nan")), tx.init(PARAMS), PARAMS)
     assert torch.isnan(updates["a.bias"]).any() and int(state.skipped) == 1
 
 
 def test_skip_compiles_to_one_graph():
-    tx = skip_nonfinite(amx.adam_mini(lr=0.1))
+    tx = nonfinite_guard(amx.adam_mini(lr=0.1))
     counter = CompileCounter()
     step = torch.compile(lambda g, s: tx.update(g, s, PARAMS), backend=counter, fullgraph=True)
     state = tx.init(PARAMS)
@@ -58,7 +58,7 @@ def test_skip_compiles_to_one_graph():
 
 def test_skip_under_vmap_skips_only_the_members_with_a_bad_gradient():
     """An ensemble of 4 members under vmap; members 1 and 3 get a NaN / Inf gradient."""
-    tx = skip_nonfinite(amx.adam_mini(lr=0.1, weight_decay=0.1))
+    tx = nonfinite_guard(amx.adam_mini(lr=0.1, weight_decay=0.1))
     stacked = {k: torch.stack([v + i for i in range(4)]) for k, v in PARAMS.items()}
     grads_ = {k: torch.randn(4, *v.shape) for k, v in PARAMS.items()}
     grads_["a.bias"][1, 0] = float("nan")
@@ -80,6 +80,16 @@ def test_skip_under_vmap_skips_only_the_members_with_a_bad_gradient():
             assert all(torch.equal(new_params[k][member], alone[k]) for k in PARAMS)
 
 
+def test_all_finite_on_large_finite_values_and_dtypes():
+    """The sum-based check must not call large but finite float64 values non-finite."""
+    assert bool(all_finite({"w": torch.full((4,), 1e300, dtype=torch.float64)}))
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        t = torch.ones(5, dtype=dtype)
+        assert bool(all_finite({"w": t}))
+        t[2] = float("nan")
+        assert not bool(all_finite({"ok": torch.ones(3), "w": t}))
+
+
 def test_unknown_policy():
     with pytest.raises(ValueError, match="nonfinite policy 'drop'"):
-        skip_nonfinite(amx.adam_mini(), policy="drop")
+        nonfinite_guard(amx.adam_mini(), policy="drop")

@@ -138,14 +138,14 @@ def test_state_dict_round_trip_is_exact(spec, seed, steps):
 @SETTINGS
 @given(spec=shape_and_layout(), dtype=dtypes, seed=seeds,
        bad=st.sampled_from([None, float("nan"), float("inf"), -float("inf")]), where=st.data())
-def test_skip_nonfinite_is_all_or_nothing(spec, dtype, seed, bad, where):
+def test_nonfinite_guard_is_all_or_nothing(spec, dtype, seed, bad, where):
     """One bad element anywhere: zero updates, the inner state bit-for-bit unchanged and one
     skipped step; no bad element: exactly the inner transform's result."""
     shape, layout = spec
     params = {"w": rand(shape, seed, dtype), "b.bias": rand((3,), seed + 1, dtype)}
     plan = {"w": layout, "b.bias": blocks.elementwise((3,))}
     inner = amx.adam_mini(lr=1e-2, weight_decay=0.1, plan=plan)
-    guarded = amx.skip_nonfinite(inner)
+    guarded = amx.nonfinite_guard(inner)
     warm = {k: rand(p.shape, seed + 2, dtype) for k, p in params.items()}
     _, state = guarded.update(warm, guarded.init(params), params)
     grads = {k: rand(p.shape, seed + 3, dtype) for k, p in params.items()}
