@@ -34,6 +34,10 @@ def shape_and_layout(draw):
     divisors = [h for h in range(2, shape[0] + 1) if shape[0] % h == 0]
     if divisors:
         options.append(blocks.per_head(shape, draw(st.sampled_from(divisors))))
+    if shape[0] % 2 == 0:  # a fused [q | v] projection: one block for q, one per row of v
+        options.append(blocks.fused_rows(shape, [("q", 1), ("v", shape[0] // 2)]))
+    if shape[0] % 4 == 0:  # the same, interleaved twice
+        options.append(blocks.fused_rows(shape, [("q", 1), ("v", shape[0] // 4)], repeat=2))
     return shape, draw(st.sampled_from(options))
 
 
