@@ -103,7 +103,8 @@ class BlockLayout:
         """Per-row sums of squares -> per-block mean squares, shape ``v_shape``."""
         if self.one_row_per_block:
             return row_sums / self.row_numel
-        flat = row_sums.reshape(-1)
+        # blocks may span shards (a head across two ranks): gather the small per-row vector
+        flat = replicated(row_sums).reshape(-1)
         pieces, offset = [], 0
         for length, count in self.runs:
             span = flat[offset: offset + length * count]
@@ -130,6 +131,22 @@ class BlockLayout:
 
     def _permute_back(self, x: torch.Tensor, inverse: Shape) -> torch.Tensor:
         return x if inverse == tuple(range(len(inverse))) else x.permute(inverse)
+
+
+def replicated(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself, or for a sharded DTensor the same values replicated over its own mesh (an
+    all-gather of a per-row or per-block vector, never of a full parameter)."""
+    if not _is_dtensor(x):
+        return x
+    from torch.distributed.tensor import Replicate
+
+    if all(isinstance(p, Replicate) for p in x.placements):
+        return x
+    return x.redistribute(x.device_mesh, [Replicate()] * x.device_mesh.ndim)
+
+
+def _is_dtensor(x: torch.Tensor) -> bool:
+    return type(x).__name__ == "DTensor" and hasattr(x, "device_mesh")
 
 
 # ----- constructors ---------------------------------------------------------------------------
