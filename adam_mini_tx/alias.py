@@ -11,7 +11,8 @@ from .transforms import (CountState, MomentumState, PartitionState, PlanLike, Se
 
 
 def decay_matrices_only(name: str, tensor: torch.Tensor) -> str:
-    """The official Adam-mini mask: decay tensors with >= 2 dims, not norms and biases."""
+    """The default decay mask: ``"decay"`` for tensors with >= 2 dims (matrices, embeddings),
+    ``"no_decay"`` for norms, biases and other vectors."""
     return "decay" if tensor.dim() >= 2 else "no_decay"
 
 
