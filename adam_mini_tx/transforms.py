@@ -88,13 +88,13 @@ def momentum(b1: float | torch.Tensor = 0.9, *, nesterov: bool = False,
         if not bias_correction:
             return dict(mu), MomentumState(count, mu)
         correction = _bias_correction(b1, count)
-        if nesterov:
-            ahead = _bias_correction(b1, count + 1)
-            out = {name: (b1 * m / ahead).to(m.dtype) + ((1 - b1) * updates[name].to(m.dtype)
-                                                      / correction).to(m.dtype)
-                   for name, m in mu.items()}
-        else:
-            out = {name: m / correction.to(m.dtype) for name, m in mu.items()}
+        if not nesterov:
+            return ({name: m / correction.to(m.dtype) for name, m in mu.items()},
+                    MomentumState(count, mu))
+        ahead = _bias_correction(b1, count + 1)
+        out = {name: _as_weight(b1, m) * m / ahead.to(m.dtype)
+               + _as_weight(1 - b1, m) * updates[name].to(m.dtype) / correction.to(m.dtype)
+               for name, m in mu.items()}
         return out, MomentumState(count, mu)
 
     return GradientTransformation(init, update)
