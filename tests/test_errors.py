@@ -171,20 +171,30 @@ def test_bad_input_is_a_clear_error(make, error, message):
         make()
 
 
+def snapshot(model, opt):
+    """Copies of every parameter and its optimizer state, by name."""
+    return {n: (p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()})
+            for n, p in model.named_parameters()}
+
+
+def assert_unchanged(model, opt, before):
+    for name, p in model.named_parameters():
+        param, state = before[name]
+        assert torch.equal(p, param), name
+        assert all(torch.equal(v, opt.state[p][k]) for k, v in state.items()), name
+
+
 def test_a_bad_gradient_anywhere_changes_nothing():
     """The step validates every gradient before it touches any parameter or state."""
     model = TinyLlama()
     opt = stepped(model)
-    params = {n: p.detach().clone() for n, p in model.named_parameters()}
-    states = {n: {k: v.clone() for k, v in opt.state[p].items()} for n, p in model.named_parameters()}
+    before = snapshot(model, opt)
     for p in model.parameters():
         p.grad = torch.randn_like(p)
     model.lm_head.bias.grad = torch.randn(48).to_sparse()  # the last parameter
     with pytest.raises(ValueError, match="sparse"):
         opt.step()
-    for name, p in model.named_parameters():
-        assert torch.equal(p, params[name]), name
-        assert all(torch.equal(v, opt.state[p][k]) for k, v in states[name].items()), name
+    assert_unchanged(model, opt, before)
 
 
 def test_count_of_covered_bad_inputs():
@@ -195,16 +205,13 @@ def test_count_of_covered_bad_inputs():
 def test_nonfinite_gradients_are_skipped_with_a_warning_by_default(bad):
     model = TinyLlama()
     opt = stepped(model)
-    params = {n: p.detach().clone() for n, p in model.named_parameters()}
-    states = {n: {k: v.clone() for k, v in opt.state[p].items()} for n, p in model.named_parameters()}
+    before = snapshot(model, opt)
     for p in model.parameters():
         p.grad = torch.randn_like(p)
     model.norm.weight.grad[3] = bad
     with pytest.warns(RuntimeWarning, match=r"skipped a step: non-finite gradient in \['norm.weight'\]"):
         opt.step()
-    for name, p in model.named_parameters():
-        assert torch.equal(p, params[name]), name
-        assert all(torch.equal(v, opt.state[p][k]) for k, v in states[name].items()), name
+    assert_unchanged(model, opt, before)
     assert opt.state_dict()["param_groups"][0]["nonfinite_skipped"] == 1
 
 
