@@ -162,10 +162,5 @@ def is_lora(name: str) -> bool:
     return any(part.startswith(LORA_PREFIXES) for part in name.lower().split("."))
 
 
-def describe_families() -> list[str]:
-    return sorted(FAMILIES)
-
-
 __all__ = ["ModelDims", "dims_from_config", "FAMILIES", "ROLE_NAMES", "FusedQKV",
-           "fused_qkv_style", "role_from_components", "module_components", "is_lora",
-           "describe_families"]
+           "fused_qkv_style", "role_from_components", "module_components", "is_lora"]

@@ -1,6 +1,5 @@
 """Every bad input the reliability issue lists gives a ValueError/TypeError that names the
 parameter (or the argument) and says what to do; none leaks an IndexError/KeyError."""
-import io
 
 import pytest
 import torch
