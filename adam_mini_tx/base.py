@@ -108,10 +108,9 @@ def check_same_keys(reference: Mapping[str, Any], other: Mapping[str, Any], othe
         return
     missing = [name for name in reference if name not in other]
     extra = [name for name in other if name not in reference]
-    if missing or extra:
-        raise ValueError(f"{other_name} and {reference_name} have different keys: missing from "
-                         f"{other_name}: {missing[:5]}, not in {reference_name}: {extra[:5]}. Pass "
-                         f"one tensor per parameter, keyed by the parameter's name.")
+    raise ValueError(f"{other_name} and {reference_name} have different keys: missing from "
+                     f"{other_name}: {missing[:5]}, not in {reference_name}: {extra[:5]}. Pass "
+                     f"one tensor per parameter, keyed by the parameter's name.")
 
 
 def check_gradients(grads: Mapping[str, torch.Tensor]) -> None:

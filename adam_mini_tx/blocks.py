@@ -19,6 +19,7 @@ Transforms never look inside a layout: they call :meth:`BlockLayout.mean_square`
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -136,17 +137,11 @@ class BlockLayout:
 def replicated(x: torch.Tensor) -> torch.Tensor:
     """``x`` itself, or for a sharded DTensor the same values replicated over its own mesh (an
     all-gather of a per-row or per-block vector, never of a full parameter)."""
-    if not _is_dtensor(x):
+    dtensor = sys.modules.get("torch.distributed.tensor")  # not imported: x is no DTensor
+    if dtensor is None or not isinstance(x, dtensor.DTensor) \
+            or all(isinstance(p, dtensor.Replicate) for p in x.placements):
         return x
-    from torch.distributed.tensor import Replicate
-
-    if all(isinstance(p, Replicate) for p in x.placements):
-        return x
-    return x.redistribute(x.device_mesh, [Replicate()] * x.device_mesh.ndim)
-
-
-def _is_dtensor(x: torch.Tensor) -> bool:
-    return type(x).__name__ == "DTensor" and hasattr(x, "device_mesh")
+    return x.redistribute(x.device_mesh, [dtensor.Replicate()] * x.device_mesh.ndim)
 
 
 # ----- constructors ---------------------------------------------------------------------------

@@ -215,7 +215,8 @@ def decoupled_decay(weight_decay: ScalarOrSchedule = 1e-2) -> GradientTransforma
         count = state.count + 1
         wd = resolve(weight_decay, count)
         if isinstance(wd, torch.Tensor):
-            out = {name: u + wd.to(u.dtype) * params[name].to(u.dtype) for name, u in updates.items()}
+            out = {name: u + _as_weight(wd, u) * params[name].to(u.dtype)
+                   for name, u in updates.items()}
         elif wd == 0:
             out = dict(updates)
         else:  # a Python number: one fused pass, u + wd * p
@@ -254,7 +255,9 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
     def update(updates, state, params=None, grads=None):
         if not updates:
             return updates, state
-        norm = torch.sqrt(sum(u.double().pow(2).sum() for u in updates.values()))
+        # accumulated in float64 without a float64 copy of any tensor
+        norm = torch.sqrt(sum(torch.linalg.vector_norm(u, dtype=torch.float64).square()
+                              for u in updates.values()))
         scale = torch.clamp(max_norm / (norm + 1e-12), max=1.0)
         return {name: u * scale.to(u.dtype) for name, u in updates.items()}, state
 
