@@ -86,10 +86,13 @@ def adam_mini_slots(state: tuple, name: str) -> dict[str, torch.Tensor]:
     return {"step": moment.count, "m": moment.mu[name], "v": second.nu[name]}
 
 
-def adam_mini_state_from_slots(slots: dict[str, torch.Tensor], name: str) -> tuple:
-    """Inverse of :func:`adam_mini_slots` for a one-parameter :func:`adam_mini` chain."""
-    step = slots["step"]
-    return (MomentumState(step, {name: slots["m"]}), SecondMomentState(step, {name: slots["v"]}),
+def adam_mini_state_from_slots(slots: dict[str, dict[str, torch.Tensor]]) -> tuple:
+    """Inverse of :func:`adam_mini_slots`: the :func:`adam_mini` chain state of the parameters in
+    ``slots`` (``name -> {"step", "m", "v"}``). They share one step count: the caller groups
+    parameters by step."""
+    step = next(iter(slots.values()))["step"]
+    return (MomentumState(step, {name: s["m"] for name, s in slots.items()}),
+            SecondMomentState(step, {name: s["v"] for name, s in slots.items()}),
             PartitionState({"decay": CountState(step), "no_decay": EmptyState()}),
             CountState(step))
 

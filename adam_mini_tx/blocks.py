@@ -134,13 +134,18 @@ class BlockLayout:
         return x if inverse == tuple(range(len(inverse))) else x.permute(inverse)
 
 
+def is_dtensor(x: torch.Tensor) -> bool:
+    """Whether ``x`` is a DTensor (without importing torch.distributed.tensor at start-up)."""
+    dtensor = sys.modules.get("torch.distributed.tensor")  # not imported: x is no DTensor
+    return dtensor is not None and isinstance(x, dtensor.DTensor)
+
+
 def replicated(x: torch.Tensor) -> torch.Tensor:
     """``x`` itself, or for a sharded DTensor the same values replicated over its own mesh (an
     all-gather of a per-row or per-block vector, never of a full parameter)."""
-    dtensor = sys.modules.get("torch.distributed.tensor")  # not imported: x is no DTensor
-    if dtensor is None or not isinstance(x, dtensor.DTensor) \
-            or all(isinstance(p, dtensor.Replicate) for p in x.placements):
+    if not is_dtensor(x) or all(p.is_replicate() for p in x.placements):
         return x
+    dtensor = sys.modules["torch.distributed.tensor"]
     return x.redistribute(x.device_mesh, [dtensor.Replicate()] * x.device_mesh.ndim)
 
 

@@ -1,8 +1,10 @@
 """``AdamMini``: the functional Adam-mini chain behind the ``torch.optim.Optimizer`` interface.
 
-Each step runs :func:`adam_mini_tx.adam_mini` (the one definition of the math) parameter by
-parameter through :func:`param_step`, so temporaries never exceed a few times one parameter's size,
-and writes the result in place (``p.add_(update)``; the state tensors are rebound).
+Each step runs :func:`adam_mini_tx.adam_mini` (the one definition of the math) through
+:func:`~adam_mini_tx.fused.chain_step`: eagerly parameter by parameter (temporaries never exceed a
+few times one parameter's size; ``p.add_(update)``, the state tensors are rebound), or with
+``fused=True`` compiled over buckets of parameters that share a layout, writing parameters and state
+in place (:mod:`adam_mini_tx.fused`).
 
 Per-parameter state (``optimizer.state[p]`` and ``state_dict()["state"][i]``), stable keys:
 
@@ -24,6 +26,8 @@ from torch import nn
 
 from .alias import DECAY_MASKS, adam_mini, adam_mini_slots, adam_mini_state_from_slots
 from .base import GradientTransformation, check_betas, check_gradients, check_number
+from .blocks import is_dtensor
+from .fused import FusedStep, chain_step
 from .guards import all_finite, check_policy, nonfinite_names
 from .plan import BlockPlan, plan_blocks
 
@@ -32,19 +36,6 @@ STATE_KEYS = ("step", "m", "v")
 
 _LAYOUT_FIELDS = ("shape", "perm", "row_dims", "runs")  # what a plan entry means for the state
 _HYPERPARAMETERS = ("lr", "betas", "eps", "weight_decay", "decay_mask", "eps_root")
-
-
-def param_step(tx: GradientTransformation, name: str, param: torch.Tensor, grad: torch.Tensor,
-               slots: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One parameter's step through the functional chain ``tx`` (an :func:`adam_mini` chain).
-
-    Returns ``(update, new_slots)``: ``p_new = p + update`` and the new ``{"step", "m", "v"}``.
-    Pure: mutates neither ``param`` nor ``slots``. This is the unit :class:`AdamMini` runs per
-    parameter; a fused path runs the same chain over lists of parameters that share a layout.
-    """
-    updates, state = tx.update({name: grad}, adam_mini_state_from_slots(slots, name),
-                               {name: param})
-    return updates[name], adam_mini_slots(state, name)
 
 
 def init_slots(tx: GradientTransformation, name: str, param: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -69,6 +60,10 @@ class AdamMini(torch.optim.Optimizer):
     ``nonfinite``: what a step does when a gradient holds NaN or Inf: ``"skip"`` (default: nothing
     changes, a RuntimeWarning is issued and ``group["nonfinite_skipped"]`` counts it; one host sync
     per step), ``"raise"`` (``FloatingPointError`` naming the parameters) or ``"apply"`` (no check).
+    ``fused``: run the same chain compiled with ``torch.compile`` over buckets of parameters that
+    share a block layout, writing parameters and state in place (no full-size temporaries). The
+    first step compiles every bucket shape (``optimizer.compile_seconds`` reports the time);
+    DTensor (FSDP2) parameters keep the eager path. Equal to the eager step to ~1e-7.
     """
 
     def __init__(self, params: Iterable[Any], lr: float | torch.Tensor = 1e-3,
@@ -76,8 +71,12 @@ class AdamMini(torch.optim.Optimizer):
                  weight_decay: float = 0.0, *, plan: BlockPlan | nn.Module | None = None,
                  dim: int | None = None, n_heads: int | None = None,
                  n_kv_heads: int | None = None, state_dtype: torch.dtype | None = None,
-                 decay_mask: str = "matrices", eps_root: float = 0.0, nonfinite: str = "skip"):
+                 decay_mask: str = "matrices", eps_root: float = 0.0, nonfinite: str = "skip",
+                 fused: bool = False):
         self.nonfinite = check_policy(nonfinite)
+        if not isinstance(fused, bool):
+            raise TypeError(f"fused must be True or False, got {fused!r}")
+        self.fused = fused
         if state_dtype is not None and not (isinstance(state_dtype, torch.dtype)
                                             and state_dtype.is_floating_point):
             raise TypeError(f"state_dtype must be a floating torch.dtype such as torch.float32, "
@@ -90,7 +89,7 @@ class AdamMini(torch.optim.Optimizer):
                         decay_mask=decay_mask, eps_root=eps_root, nonfinite_skipped=0)
         self.state_dtype = state_dtype
         self._plan_kwargs = dict(dim=dim, n_heads=n_heads, n_kv_heads=n_kv_heads)
-        self._chains: list[tuple[dict, tuple, GradientTransformation]] = []
+        self._chains: list[tuple[dict, tuple, GradientTransformation, FusedStep | None]] = []
         self._layouts: tuple[BlockPlan | None, dict] = (None, {})
         super().__init__(groups, defaults)
         self.plan = _resolve_plan(plan, self._named_params(), **self._plan_kwargs)
@@ -107,18 +106,27 @@ class AdamMini(torch.optim.Optimizer):
         if self.nonfinite != "apply" and not self._finite_or_skip(grads):
             return loss
         for index, group in enumerate(self.param_groups):
-            tx = self._chain(index, group)
+            tx, fused_step = self._chain(index, group)
+            members = []
             for name, param in zip(group["param_names"], group["params"]):
-                grad = param.grad
-                if grad is None:
-                    continue
-                state = self.state[param]
-                if not state:
-                    state.update(init_slots(tx, name, param))
-                update, slots = param_step(tx, name, param, grad, state)
-                param.add_(update.to(param.dtype))
-                state.update(slots)
+                if param.grad is not None:
+                    state = self.state[param]
+                    if not state:
+                        state.update(init_slots(tx, name, param))
+                    members.append((name, param, state))
+            if fused_step is not None:
+                fused_step(group, [m for m in members if not is_dtensor(m[1])])
+                members = [m for m in members if is_dtensor(m[1])]
+            for name, param, state in members:
+                updates, slots = chain_step(tx, {name: param}, {name: param.grad}, {name: state})
+                param.add_(updates[name].to(param.dtype))
+                state.update(slots[name])
         return loss
+
+    @property
+    def compile_seconds(self) -> float:
+        """Seconds the fused step has spent compiling so far (0.0 when ``fused=False``)."""
+        return sum(entry[3].compile_seconds for entry in self._chains if entry[3] is not None)
 
     def _checked_gradients(self) -> dict[str, torch.Tensor]:
         """Every gradient of this step, validated before any parameter or state changes."""
@@ -141,22 +149,33 @@ class AdamMini(torch.optim.Optimizer):
                       RuntimeWarning, stacklevel=3)
         return False
 
-    def _chain(self, index: int, group: dict[str, Any]) -> GradientTransformation:
-        """The group's :func:`adam_mini` chain, built once and rebuilt only when ``betas``,
-        ``eps``, ``eps_root`` or ``decay_mask`` change (OneCycleLR cycles beta1) or the group was
-        replaced (``load_state_dict``). ``lr`` and ``weight_decay`` are read from the group at
-        every step, so schedulers that write ``group["lr"]`` need no rebuild."""
+    def _chain(self, index: int, group: dict[str, Any]) -> tuple[GradientTransformation,
+                                                                 FusedStep | None]:
+        """The group's :func:`adam_mini` chain (and its fused step when ``fused=True``), built once
+        and rebuilt only when ``betas``, ``eps``, ``eps_root`` or ``decay_mask`` change (OneCycleLR
+        cycles beta1) or the group was replaced (``load_state_dict``). ``lr`` and
+        ``weight_decay`` are read from the group at every step, so schedulers that write
+        ``group["lr"]`` need no rebuild (and no recompile)."""
         key = (tuple(group["betas"]), group["eps"], group["eps_root"], group["decay_mask"])
         while len(self._chains) <= index:
-            self._chains.append(({}, (), None))
-        cached_group, cached_key, tx = self._chains[index]
+            self._chains.append(({}, (), None, None))
+        cached_group, cached_key, tx, fused_step = self._chains[index]
         if cached_group is not group or cached_key != key:
-            tx = adam_mini(lambda count: group["lr"], group["betas"], group["eps"],
-                           lambda count: group["weight_decay"], plan=self._layout_map(),
-                           eps_root=group["eps_root"], state_dtype=self.state_dtype,
-                           decay_mask=group["decay_mask"])
-            self._chains[index] = (group, key, tx)
-        return tx
+            def make(lr, weight_decay, plan, decay_mask):
+                return adam_mini(lr, group["betas"], group["eps"], weight_decay, plan=plan,
+                                 eps_root=group["eps_root"], state_dtype=self.state_dtype,
+                                 decay_mask=decay_mask)
+
+            tx = make(lambda count: group["lr"], lambda count: group["weight_decay"],
+                      self._layout_map(), group["decay_mask"])
+            fused_step = None
+            if self.fused:
+                mask = DECAY_MASKS[group["decay_mask"]]
+                fused_step = FusedStep(
+                    lambda lr, wd, plan, label: make(lr, wd, plan, lambda name, t: label),
+                    self._layout_map(), mask)
+            self._chains[index] = (group, key, tx, fused_step)
+        return tx, fused_step
 
     def _layout_map(self) -> dict:
         """``name -> BlockLayout`` of the current plan (recomputed only when the plan changes)."""
@@ -208,16 +227,18 @@ class AdamMini(torch.optim.Optimizer):
             self._check_plan(state_dict["plan"])
         self._check_state_shapes(state_dict)
         super().load_state_dict({k: v for k, v in state_dict.items() if k != "plan"})
-        self._restore_saved_dtypes(state_dict)
+        self._own_loaded_state(state_dict)
 
-    def _restore_saved_dtypes(self, state_dict: Mapping[str, Any]) -> None:
-        """torch casts floating state to the parameter dtype on load (and calls the base class's
-        cast policy directly, so it cannot be overridden); put back the saved dtypes."""
+    def _own_loaded_state(self, state_dict: Mapping[str, Any]) -> None:
+        """Give every loaded state tensor its own storage, in its saved dtype. torch's loader
+        shares the tensors with ``state_dict`` (a fused step, which writes state in place, would
+        then change the caller's checkpoint or another optimizer's state) and casts floating state
+        to the parameter dtype (fp32 state of bf16 params must stay fp32)."""
         for saved, group in zip(state_dict["param_groups"], self.param_groups):
             for index, param in zip(saved["params"], group["params"]):
                 for key, value in state_dict["state"].get(index, {}).items():
-                    if key != "step" and self.state[param][key].dtype != value.dtype:
-                        self.state[param][key] = value.to(device=param.device)
+                    device = value.device if key == "step" else param.device
+                    self.state[param][key] = value.to(device=device, copy=True)
 
     def _check_groups(self, saved_groups: Any) -> None:
         if not isinstance(saved_groups, (list, tuple)) or len(saved_groups) != len(self.param_groups):
@@ -311,10 +332,11 @@ class AdamMini(torch.optim.Optimizer):
     # ----- pickling / copying -----------------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
         return {**super().__getstate__(), "plan": self.plan, "state_dtype": self.state_dtype,
-                "_plan_kwargs": self._plan_kwargs, "nonfinite": self.nonfinite}
+                "_plan_kwargs": self._plan_kwargs, "nonfinite": self.nonfinite, "fused": self.fused}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self.__dict__.setdefault("fused", False)
         for group in self.param_groups:  # checkpoints from before the count existed
             group.setdefault("nonfinite_skipped", 0)
         self._chains = []  # groups may be new dicts (load_state_dict, unpickling): rebuild lazily
@@ -429,4 +451,4 @@ def _resolve_plan(plan: Any, named: list[tuple[str, torch.Tensor]], **plan_kwarg
     return plan
 
 
-__all__ = ["AdamMini", "STATE_KEYS", "init_slots", "param_step"]
+__all__ = ["AdamMini", "STATE_KEYS", "init_slots"]

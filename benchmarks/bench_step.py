@@ -3,10 +3,11 @@
 Only ``optimizer.step()`` is timed, with fixed random gradients assigned before each step. All
 candidates are interleaved round by round in one process and reported as ratios to
 ``AdamW(fused=True)``; each step is also compared with its own memory-bandwidth bound (bytes it
-must move / the machine's measured streaming bandwidth).
+must move / the machine's measured streaming bandwidth). The fused AdamMini compiles during the
+warm-up rounds; its compile time is reported.
 
     python benchmarks/bench_step.py                       # ~25M params, writes benchmarks/out/
-    python benchmarks/bench_step.py --sizes 25m,100m,350m --rounds 25
+    python benchmarks/bench_step.py --sizes 25m,36m,100m,350m --rounds 20
 
 Writes ``results.md`` (table), ``results.json`` and ``results.png`` into ``--out``.
 """
@@ -27,12 +28,14 @@ from adam_mini_tx.demo.model import GPT, GPTConfig
 
 SIZES = {  # name -> (vocab, dim, layers, heads, kv heads, mlp hidden): Llama-shaped
     "25m": (8000, 512, 6, 8, 4, 1376),
+    "36m": (8192, 512, 8, 8, 8, 1536),
     "100m": (32000, 768, 12, 12, 4, 2048),
     "350m": (32000, 1024, 24, 16, 8, 2816),
 }
-# bytes moved per parameter (fp32): AdamW reads p, g, m, v and writes p, m, v; Adam-mini has no
-# per-element v but reads g twice (statistic, then update) in an unfused implementation.
-BYTES_PER_PARAM = {"adamw": 28, "adam_mini": 24}
+# bytes an fp32 step must move per parameter: AdamW reads p, g, m, v and writes p, m, v; Adam-mini
+# has no per-element v (reads p, g, m, writes p, m). Implementations that read g a second time for
+# the block statistic move 24.
+BYTES_PER_PARAM = {"adamw": 28, "adam_mini": 20}
 
 
 def candidates(model: GPT, heads: int, kv_heads: int) -> dict:
@@ -41,10 +44,12 @@ def candidates(model: GPT, heads: int, kv_heads: int) -> dict:
     made = {
         "AdamW fused": ("adamw", lambda: torch.optim.AdamW(params, lr=1e-4, fused=True)),
         "AdamW foreach": ("adamw", lambda: torch.optim.AdamW(params, lr=1e-4, foreach=True)),
-        "adam_mini_tx AdamMini": ("adam_mini", lambda: AdamMini(
+        "adam_mini_tx AdamMini eager": ("adam_mini", lambda: AdamMini(
             named, lr=1e-4, n_heads=heads, n_kv_heads=kv_heads, nonfinite="apply")),
-        "adam_mini_tx AdamMini (nonfinite=skip)": ("adam_mini", lambda: AdamMini(
-            named, lr=1e-4, n_heads=heads, n_kv_heads=kv_heads)),
+        "adam_mini_tx AdamMini fused": ("adam_mini", lambda: AdamMini(
+            named, lr=1e-4, n_heads=heads, n_kv_heads=kv_heads, nonfinite="apply", fused=True)),
+        "adam_mini_tx AdamMini fused (nonfinite=skip)": ("adam_mini", lambda: AdamMini(
+            named, lr=1e-4, n_heads=heads, n_kv_heads=kv_heads, fused=True)),
     }
     try:
         import adam_mini
@@ -57,15 +62,22 @@ def candidates(model: GPT, heads: int, kv_heads: int) -> dict:
     return {name: (kind, make()) for name, (kind, make) in made.items()}
 
 
-def stream_bandwidth(numel: int = 64 * 2**20, repeats: int = 15) -> float:
+def stream_bandwidth(device: torch.device, numel: int = 64 * 2**20, repeats: int = 15) -> float:
     """Best bytes/s of ``dst.copy_(src)`` over fp32 tensors (one read + one write per element)."""
-    src, dst = torch.randn(numel), torch.empty(numel)
+    src, dst = torch.randn(numel, device=device), torch.empty(numel, device=device)
     best = float("inf")
     for _ in range(repeats):
+        synchronize(device)
         start = time.perf_counter()
         dst.copy_(src)
+        synchronize(device)
         best = min(best, time.perf_counter() - start)
     return 2 * 4 * numel / best
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def state_bytes(opt: torch.optim.Optimizer) -> int:
@@ -73,12 +85,27 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
                if isinstance(t, torch.Tensor) and t.dim() > 0)
 
 
-def allocated_during_step(opt: torch.optim.Optimizer) -> int:
-    """Bytes allocated by the CPU allocator during one step (torch profiler)."""
+def allocated_during_step(opt: torch.optim.Optimizer, device: torch.device) -> tuple[float, float]:
+    """``(total, peak)``: bytes the allocator handed out during one step (CPU only; NaN on CUDA),
+    and the most held at once beyond what existed before the step."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        opt.step()
+        torch.cuda.synchronize(device)
+        return float("nan"), float(torch.cuda.max_memory_allocated(device) - before)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
                                 profile_memory=True) as prof:
         opt.step()
-    return sum(e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0)
+    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage),
+                    key=lambda e: e.time_range.start)
+    total = sum(e.self_cpu_memory_usage for e in events if e.self_cpu_memory_usage > 0)
+    held = peak = 0
+    for event in events:
+        held += event.self_cpu_memory_usage
+        peak = max(peak, held)
+    return float(total), float(peak)
 
 
 def bench_size(size: str, rounds: int, warmup: int, device: torch.device) -> dict:
@@ -89,46 +116,52 @@ def bench_size(size: str, rounds: int, warmup: int, device: torch.device) -> dic
     grads = [torch.randn_like(p) for p in model.parameters()]
     opts = candidates(model, heads, kv)
     times = {name: [] for name in opts}
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    bandwidth = stream_bandwidth(device)
     for round_ in range(warmup + rounds):
         for name, (_, opt) in opts.items():
             for p, g in zip(model.parameters(), grads):
                 p.grad = g
-            sync()
+            synchronize(device)
             start = time.perf_counter()
             opt.step()
-            sync()
+            synchronize(device)
             if round_ >= warmup:
                 times[name].append(time.perf_counter() - start)
-    bandwidth = stream_bandwidth() if device.type == "cpu" else float("nan")
+    bandwidth = max(bandwidth, stream_bandwidth(device))
     adamw = statistics.median(times["AdamW fused"])
     adamw_state = state_bytes(opts["AdamW fused"][1])
     rows = []
     for name, (kind, opt) in opts.items():
         step = statistics.median(times[name])
         bound = BYTES_PER_PARAM[kind] * n_params / bandwidth
+        total, peak = allocated_during_step(opt, device)
         rows.append({"candidate": name, "step_ms": 1e3 * step, "x_adamw_fused": step / adamw,
                      "x_own_bound": step / bound, "state_bytes": state_bytes(opt),
                      "state_x_adamw": state_bytes(opt) / adamw_state,
-                     "allocated_mib": allocated_during_step(opt) / 2**20 if device.type == "cpu"
-                     else float("nan")})
+                     "allocated_mib": total / 2**20, "peak_extra_mib": peak / 2**20,
+                     "compile_s": getattr(opt, "compile_seconds", 0.0)})
     largest = max(p.numel() * p.element_size() for p in model.parameters())
     return {"size": size, "params": n_params, "bandwidth_gbs": bandwidth / 1e9,
-            "largest_param_mib": largest / 2**20, "rows": rows}
+            "largest_param_mib": largest / 2**20, "rows": rows,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+            else f"CPU, {torch.get_num_threads()} threads"}
 
 
 def markdown(results: list[dict], command: str) -> str:
-    lines = [f"Command: `{command}`  ", f"Machine: {platform.processor() or platform.machine()}, "
-             f"{torch.get_num_threads()} threads, torch {torch.__version__}", ""]
+    lines = [f"Command: `{command}`  ", f"Machine: {results[0]['device']} "
+             f"({platform.machine()}), torch {torch.__version__}", ""]
     for res in results:
         lines += [f"### {res['size']} ({res['params'] / 1e6:.1f}M params; streaming bandwidth "
-                  f"{res['bandwidth_gbs']:.1f} GB/s; largest tensor {res['largest_param_mib']:.1f} MiB)",
-                  "", "| candidate | step ms | x AdamW fused | x own bandwidth bound | state x AdamW "
-                  "| MiB allocated in a step |", "|---|---|---|---|---|---|"]
+                  f"{res['bandwidth_gbs']:.1f} GB/s; largest tensor {res['largest_param_mib']:.1f} "
+                  f"MiB)", "",
+                  "| candidate | step ms | x AdamW fused | x own bandwidth bound | state x AdamW "
+                  "| MiB allocated in a step | peak extra MiB | compile s |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in res["rows"]:
             lines.append(f"| {r['candidate']} | {r['step_ms']:.1f} | {r['x_adamw_fused']:.2f} | "
                          f"{r['x_own_bound']:.2f} | {r['state_x_adamw']:.3f} | "
-                         f"{r['allocated_mib']:.0f} |")
+                         f"{r['allocated_mib']:.0f} | {r['peak_extra_mib']:.1f} | "
+                         f"{r['compile_s']:.0f} |")
         lines.append("")
     return "\n".join(lines)
 

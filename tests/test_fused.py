@@ -1,0 +1,119 @@
+"""AdamMini(fused=True): the same chain compiled over buckets of same-layout parameters, writing in
+place. One module-scoped run compiles every bucket once; the tests read its record."""
+import copy
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+from torch.profiler import ProfilerActivity, profile
+
+import adam_mini_tx as amx
+from test_oracles import TinyLlama, gradient_sequence, initial_params
+
+HEADS = dict(n_heads=4, n_kv_heads=2)
+STEPS = 8
+
+
+def two_runs(seed: int = 0, skip: dict | None = None):
+    """Eager and fused AdamMini on copies of one TinyLlama under a StepLR schedule (lr changes
+    every 2 steps) with weight decay. ``skip[step]`` names parameters left without a gradient at
+    that step. Returns the models, optimizers and what the fused run compiled after step 1."""
+    torch.manual_seed(seed)
+    eager_model = TinyLlama(layers=2)
+    fused_model = copy.deepcopy(eager_model)
+    grads_seq = gradient_sequence(initial_params(eager_model), STEPS, seed)
+    opts = [amx.AdamMini(m.named_parameters(), lr=3e-2, weight_decay=0.1, fused=fused, **HEADS)
+            for m, fused in ((eager_model, False), (fused_model, True))]
+    schedulers = [torch.optim.lr_scheduler.StepLR(o, 2, gamma=0.5) for o in opts]
+    record = {}
+    for t, grads in enumerate(grads_seq):
+        for model, opt, scheduler in zip((eager_model, fused_model), opts, schedulers):
+            for name, p in model.named_parameters():
+                p.grad = None if name in (skip or {}).get(t, ()) else grads[name].clone()
+            opt.step()
+            scheduler.step()
+        if t == 0:
+            record["compile_seconds"] = opts[1].compile_seconds
+            record["frames"] = counters["frames"]["ok"]
+            record["pointers"] = {name: (p.data_ptr(), opts[1].state[p]["m"].data_ptr(),
+                                         opts[1].state[p]["v"].data_ptr())
+                                  for name, p in fused_model.named_parameters()}
+    record["frames_after"] = counters["frames"]["ok"]
+    return eager_model, fused_model, opts, record
+
+
+@pytest.fixture(scope="module")
+def runs():
+    return two_runs()
+
+
+def max_relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / a.abs().max().clamp_min(1e-30)).item()
+
+
+def test_fused_equals_eager_parameters_and_state(runs):
+    eager_model, fused_model, (eager, fused), _ = runs
+    for (name, p), q in zip(eager_model.named_parameters(), fused_model.parameters()):
+        assert max_relative_error(p, q) < 1e-6, name
+        for key in ("m", "v"):
+            assert max_relative_error(eager.state[p][key], fused.state[q][key]) < 1e-6, (name, key)
+        assert int(fused.state[q]["step"]) == STEPS
+    # and the run moved the parameters: the comparison is not between two untouched models
+    start = TinyLlama(layers=2)
+    assert any(not torch.equal(p, q) for p, q in zip(start.parameters(), fused_model.parameters()))
+
+
+def test_fused_writes_in_place_and_never_recompiles(runs):
+    _, fused_model, (_, fused), record = runs
+    assert record["compile_seconds"] > 0
+    assert fused.compile_seconds == record["compile_seconds"]  # nothing compiled after step 1
+    assert record["frames_after"] == record["frames"]  # lr changed 3 times: no new frame
+    for name, p in fused_model.named_parameters():
+        assert record["pointers"][name] == (p.data_ptr(), fused.state[p]["m"].data_ptr(),
+                                            fused.state[p]["v"].data_ptr()), name
+
+
+def test_fused_step_allocates_less_than_one_parameter(runs):
+    _, fused_model, (_, fused), _ = runs
+    for p in fused_model.parameters():
+        p.grad = torch.randn_like(p)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fused.step()
+    allocated = sum(e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0)
+    largest = max(p.numel() * p.element_size() for p in fused_model.parameters())
+    assert allocated < largest, (allocated, largest)
+
+
+def test_fused_with_parameters_that_skip_steps_matches_eager():
+    # the lm_head misses steps 1 and 2, a norm step 3: step counts diverge inside a bucket
+    skip = {1: {"lm_head.weight", "lm_head.bias"}, 2: {"lm_head.weight"},
+            3: {"layers.0.input_layernorm.weight"}}
+    eager_model, fused_model, (eager, fused), _ = two_runs(seed=1, skip=skip)
+    for (name, p), q in zip(eager_model.named_parameters(), fused_model.parameters()):
+        assert max_relative_error(p, q) < 1e-6, name
+        assert int(eager.state[p]["step"]) == int(fused.state[q]["step"]), name
+    assert int(fused.state[fused_model.lm_head.weight]["step"]) == STEPS - 2
+
+
+def test_fused_checkpoint_resumes_in_eager_and_back(runs):
+    eager_model, fused_model, (eager, fused), _ = runs
+    clone = copy.deepcopy(fused_model)
+    resumed = amx.AdamMini(clone.named_parameters(), lr=3e-2, weight_decay=0.1, **HEADS)
+    checkpoint = fused.state_dict()
+    resumed.load_state_dict(checkpoint)
+    # the loaded state is the optimizer's own: fused steps write in place and must not reach it
+    first = next(clone.parameters())
+    assert all(resumed.state[first][key].data_ptr() != checkpoint["state"][0][key].data_ptr()
+               for key in ("step", "m", "v"))
+    grads = gradient_sequence(initial_params(clone), 1, seed=7)[0]
+    for model, opt in ((fused_model, fused), (clone, resumed)):
+        for name, p in model.named_parameters():
+            p.grad = grads[name].clone()
+        opt.step()
+    for (name, p), q in zip(fused_model.named_parameters(), clone.parameters()):
+        assert max_relative_error(p, q) < 1e-6, name
+
+
+def test_fused_rejects_a_non_boolean():
+    with pytest.raises(TypeError, match="fused must be True or False"):
+        amx.AdamMini(TinyLlama(layers=1).named_parameters(), fused="yes", **HEADS)
