@@ -24,7 +24,7 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
-from .alias import DECAY_MASKS, adam_mini, adam_mini_slots, adam_mini_state_from_slots
+from .alias import DECAY_MASKS, adam_mini, adam_mini_slots
 from .base import GradientTransformation, check_betas, check_gradients, check_number
 from .blocks import is_dtensor
 from .fused import FusedStep, chain_step

@@ -13,6 +13,7 @@ import torch
 
 from .base import (EmptyState, GradientTransformation, Params, ScalarOrSchedule, Updates,
                    check_number, check_same_keys, check_same_structure, resolve)
+from . import ops
 from .blocks import BlockLayout
 from .plan import BlockPlan, plan_blocks
 
@@ -48,35 +49,9 @@ def _bias_correction(beta: float | torch.Tensor, count: torch.Tensor) -> torch.T
     Under ``torch.compile`` a constant ``beta`` goes through an opaque op, so that the compiler
     computes the correction once per step instead of inlining ``pow`` into every element."""
     if torch.compiler.is_compiling() and not isinstance(beta, torch.Tensor):
-        return bias_correction_op(float(beta), count)
+        return ops.bias_correction(float(beta), count)
     beta = torch.as_tensor(beta, dtype=torch.float64)
     return 1 - beta ** count.to(torch.float64)
-
-
-_LIBRARY = torch.library.Library("adam_mini_tx", "FRAGMENT")
-_LIBRARY.define("bias_correction(float beta, Tensor count) -> Tensor")
-
-
-def _bias_correction_kernel(beta: float, count: torch.Tensor) -> torch.Tensor:
-    """``1 - beta**count`` in float64, elementwise over the integer ``count`` (a host-side step
-    count is read directly: ~5 us instead of three tensor ops)."""
-    if count.dim() == 0 and count.device.type == "cpu":
-        return torch.tensor(1 - beta ** int(count), dtype=torch.float64)
-    return 1 - torch.pow(beta, count.to(torch.float64))
-
-
-_LIBRARY.impl("bias_correction", _bias_correction_kernel, "CompositeExplicitAutograd")
-bias_correction_op = torch.ops.adam_mini_tx.bias_correction.default
-
-
-@torch.library.register_fake("adam_mini_tx::bias_correction")
-def _(beta: float, count: torch.Tensor) -> torch.Tensor:
-    return count.new_empty(count.shape, dtype=torch.float64)
-
-
-@torch.library.register_vmap("adam_mini_tx::bias_correction")
-def _(info, in_dims, beta: float, count: torch.Tensor):
-    return bias_correction_op(beta, count), in_dims[1]
 
 
 def _state_like(tensor: torch.Tensor, shape: tuple[int, ...] | None = None,

@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import statistics
+import tempfile
 import time
 import warnings
 
@@ -62,17 +63,21 @@ def candidates(model: GPT, heads: int, kv_heads: int) -> dict:
     return {name: (kind, make()) for name, (kind, make) in made.items()}
 
 
-def stream_bandwidth(device: torch.device, numel: int = 64 * 2**20, repeats: int = 15) -> float:
-    """Best bytes/s of ``dst.copy_(src)`` over fp32 tensors (one read + one write per element)."""
-    src, dst = torch.randn(numel, device=device), torch.empty(numel, device=device)
-    best = float("inf")
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        dst.copy_(src)
-        synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * 4 * numel / best
+def stream_bandwidth(device: torch.device, numel: int = 64 * 2**20, repeats: int = 10) -> float:
+    """Best bytes/s over simple streaming kernels on 256 MiB fp32 tensors, counting the bytes each
+    must move as the optimizer bounds do: ``b.copy_(a)`` (8 B/element), ``a.mul_(s)`` (8) and
+    ``a.lerp_(b, w)`` (12)."""
+    a, b = torch.randn(numel, device=device), torch.randn(numel, device=device)
+    kernels = ((lambda: b.copy_(a), 8), (lambda: a.mul_(1.0), 8), (lambda: a.lerp_(b, 0.5), 12))
+    best = 0.0
+    for kernel, bytes_per_element in kernels:
+        for _ in range(repeats):
+            synchronize(device)
+            start = time.perf_counter()
+            kernel()
+            synchronize(device)
+            best = max(best, bytes_per_element * numel / (time.perf_counter() - start))
+    return best
 
 
 def synchronize(device: torch.device) -> None:
@@ -87,7 +92,8 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
 
 def allocated_during_step(opt: torch.optim.Optimizer, device: torch.device) -> tuple[float, float]:
     """``(total, peak)``: bytes the allocator handed out during one step (CPU only; NaN on CUDA),
-    and the most held at once beyond what existed before the step."""
+    and the most held at once beyond what was held before the step (temporaries, and new state
+    allocated before the old state it replaces is freed)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -95,16 +101,30 @@ def allocated_during_step(opt: torch.optim.Optimizer, device: torch.device) -> t
         opt.step()
         torch.cuda.synchronize(device)
         return float("nan"), float(torch.cuda.max_memory_allocated(device) - before)
+    # two steps: the profiler sees only frees of blocks allocated while it runs, and the eager
+    # step replaces state tensors that the step before allocated
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
                                 profile_memory=True) as prof:
         opt.step()
-    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage),
-                    key=lambda e: e.time_range.start)
-    total = sum(e.self_cpu_memory_usage for e in events if e.self_cpu_memory_usage > 0)
-    held = peak = 0
-    for event in events:
-        held += event.self_cpu_memory_usage
-        peak = max(peak, held)
+        with torch.profiler.record_function("measured step"):
+            opt.step()
+    with tempfile.TemporaryDirectory() as folder:  # the trace has every allocation and free
+        path = os.path.join(folder, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as handle:
+            trace = json.load(handle)["traceEvents"]
+    span = next(e for e in trace if e.get("name") == "measured step")
+    held = peak = total = before = 0
+    for event in sorted(trace, key=lambda e: e.get("ts", 0)):
+        if event.get("name") != "[memory]" or event["ts"] > span["ts"] + span["dur"]:
+            continue
+        change = event["args"]["Bytes"]
+        held += change
+        if event["ts"] < span["ts"]:
+            before = held
+            continue
+        peak = max(peak, held - before)
+        total += max(change, 0)
     return float(total), float(peak)
 
 
