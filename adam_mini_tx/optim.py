@@ -1,8 +1,9 @@
 """``AdamMini``: the functional Adam-mini chain behind the ``torch.optim.Optimizer`` interface.
 
 Each step runs :func:`adam_mini_tx.adam_mini` (the one definition of the math) through
-:func:`~adam_mini_tx.fused.chain_step`: eagerly parameter by parameter (temporaries never exceed a
-few times one parameter's size; ``p.add_(update)``, the state tensors are rebound), or with
+:func:`~adam_mini_tx.fused.chain_step`: eagerly over chunks of parameters no larger than the
+largest one (temporaries stay a few times the largest parameter; ``p.add_(update)``, the state
+tensors are rebound), or with
 ``fused=True`` compiled over buckets of parameters that share a layout, writing parameters and state
 in place (:mod:`adam_mini_tx.fused`).
 
@@ -117,10 +118,13 @@ class AdamMini(torch.optim.Optimizer):
             if fused_step is not None:
                 fused_step(group, [m for m in members if not is_dtensor(m[1])])
                 members = [m for m in members if is_dtensor(m[1])]
-            for name, param, state in members:
-                updates, slots = chain_step(tx, {name: param}, {name: param.grad}, {name: state})
-                param.add_(updates[name].to(param.dtype))
-                state.update(slots[name])
+            for chunk in _chunks(members):
+                updates, slots = chain_step(tx, {name: param for name, param, _ in chunk},
+                                            {name: param.grad for name, param, _ in chunk},
+                                            {name: state for name, _, state in chunk})
+                for name, param, state in chunk:
+                    param.add_(updates[name].to(param.dtype))
+                    state.update(slots[name])
         return loss
 
     @property
@@ -341,6 +345,24 @@ class AdamMini(torch.optim.Optimizer):
             group.setdefault("nonfinite_skipped", 0)
         self._chains = []  # groups may be new dicts (load_state_dict, unpickling): rebuild lazily
         self._layouts = (None, {})
+
+
+def _chunks(members: list[tuple[str, torch.Tensor, dict]]) -> list[list[tuple[str, torch.Tensor, dict]]]:
+    """The eager step's units: parameters with one step count, packed in order into chunks of at
+    most the largest parameter's size. One chain call per chunk keeps the Python work per step
+    small, and a step's temporaries stay a few times the largest parameter, never the model."""
+    limit = max((param.numel() for _, param, _ in members), default=0)
+    chunks: list[list] = []
+    open_chunks: dict[int, tuple[list, int]] = {}  # step count -> (chunk being filled, its size)
+    for member in members:
+        step, size = int(member[2]["step"]), member[1].numel()
+        chunk, filled = open_chunks.get(step, (None, 0))
+        if chunk is None or filled + size > limit:
+            chunk, filled = [], 0
+            chunks.append(chunk)
+        chunk.append(member)
+        open_chunks[step] = (chunk, filled + size)
+    return chunks
 
 
 def _layout_of(entry: Any) -> Any:
