@@ -117,3 +117,14 @@ def test_fused_checkpoint_resumes_in_eager_and_back(runs):
 def test_fused_rejects_a_non_boolean():
     with pytest.raises(TypeError, match="fused must be True or False"):
         amx.AdamMini(TinyLlama(layers=1).named_parameters(), fused="yes", **HEADS)
+
+
+def test_bias_correction_op_matches_the_formula_eagerly_and_under_vmap():
+    counts = torch.arange(0, 60)
+    expected = 1 - torch.tensor(0.999, dtype=torch.float64) ** counts.to(torch.float64)
+    one_by_one = torch.stack([amx.ops.bias_correction(0.999, c) for c in counts])
+    assert one_by_one.dtype == torch.float64
+    # a host-side count goes through Python's pow, which may differ from ATen's in the last bit
+    torch.testing.assert_close(one_by_one, expected, rtol=1e-14, atol=0)
+    batched = torch.vmap(lambda c: amx.ops.bias_correction(0.999, c))(counts)
+    torch.testing.assert_close(batched, expected, rtol=1e-14, atol=0)
