@@ -3,8 +3,9 @@ a block layout, writing parameters and state in place.
 
 Parameters of one param group are bucketed by everything the compiled code depends on (block
 layout, decay label, dtypes, device, step count) and cut into lists of at most ``bucket_size``
-tensors. Each bucket shape compiles once (``torch.compile(fullgraph=True, dynamic=False)``); the
-kernel reads ``p, g, m`` once, writes ``p, m`` once, and keeps ``v`` (one value per block) small.
+tensors. Each bucket shape compiles once (``torch.compile(fullgraph=True, dynamic=False)``) into
+a kernel that reads ``g`` for the block statistics, then reads ``p, g, m`` and writes ``p, m`` in
+one pass, with ``v`` (one value per block) small; nothing full-size is allocated.
 ``lr`` and ``weight_decay`` reach the kernel as 0-d tensors refreshed from the param group before
 every step, so schedulers never trigger a recompile.
 """
@@ -32,7 +33,7 @@ def chain_step(tx: GradientTransformation, params: Mapping[str, torch.Tensor],
     """One step of the :func:`adam_mini` chain ``tx`` for the parameters in ``params`` (which
     share one step count). Returns ``(updates, new_slots)``: ``p_new = p + updates[name]`` and the
     new ``{"step", "m", "v"}`` per name. Pure: mutates neither ``params`` nor ``slots``. The eager
-    step runs it per parameter; the fused step compiles it over a bucket of parameters."""
+    step runs it over chunks of parameters; the fused step compiles it over a bucket."""
     updates, state = tx.update(dict(grads), adam_mini_state_from_slots(dict(slots)), dict(params))
     return updates, {name: adam_mini_slots(state, name) for name in params}
 
