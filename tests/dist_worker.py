@@ -37,9 +37,9 @@ def batch(step: int) -> torch.Tensor:
     return torch.randint(0, CONFIG.vocab_size, (4, 13), generator=gen)
 
 
-def make_optimizer(model: torch.nn.Module) -> amx.AdamMini:
+def make_optimizer(model: torch.nn.Module, fused: bool = False) -> amx.AdamMini:
     return amx.AdamMini(model.named_parameters(), n_heads=CONFIG.n_heads,
-                        n_kv_heads=CONFIG.n_kv_heads, **HYPER)
+                        n_kv_heads=CONFIG.n_kv_heads, fused=fused, **HYPER)
 
 
 def train(model, opt, steps: range) -> None:
@@ -122,7 +122,8 @@ def dtensor_layouts(rank, world, out):
 
 
 def fsdp_train_and_checkpoint(rank, world, out):
-    """FSDP2: 10 steps; a DCP checkpoint at step 5; a fresh model and optimizer resumed from it."""
+    """FSDP2: 10 steps; a DCP checkpoint at step 5; a fresh model and optimizer resumed from it
+    (with ``fused=True``: DTensor parameters take the eager path, so it must resume exactly)."""
     mesh = init_device_mesh("cpu", (world,))
     model = sharded_model(mesh)
     opt = make_optimizer(model)
@@ -134,7 +135,7 @@ def fsdp_train_and_checkpoint(rank, world, out):
     placements = state_placements(opt)
 
     resumed = sharded_model(mesh)
-    opt2 = make_optimizer(resumed)
+    opt2 = make_optimizer(resumed, fused=True)
     load_checkpoint(resumed, opt2, path)
     train(resumed, opt2, range(CHECKPOINT_AT, STEPS))
     return {"uninterrupted": uninterrupted, "resumed": full_params(resumed),
