@@ -117,13 +117,27 @@ class FusedStep:
 
     def _buckets(self, members) -> list[tuple[tuple, list]]:
         """``(signature, members)`` pairs: members that share everything the compiled code
-        depends on (and one step count), in lists of at most ``bucket_size``."""
+        depends on (and one step count), split into near-equal lists of at most ``bucket_size``
+        (12 layers give 6 + 6, not 8 + 4: every list length is one more compile)."""
         grouped: dict[tuple, list] = {}
         for name, param, state in members:
             key = (self._layouts[name], self._decay_label(name, param), param.dtype,
                    param.grad.dtype, state["m"].dtype, state["v"].dtype, param.device)
             grouped.setdefault((key, int(state["step"])), []).append((name, param, state))
-        return [((*key, len(items[start:start + self._bucket_size])),
-                 items[start:start + self._bucket_size])
-                for (key, _), items in grouped.items()
-                for start in range(0, len(items), self._bucket_size)]
+        buckets = []
+        for (key, _), items in grouped.items():
+            for bucket in _near_equal_split(items, self._bucket_size):
+                buckets.append(((*key, len(bucket)), bucket))
+        return buckets
+
+
+def _near_equal_split(items: list, most: int) -> list[list]:
+    """``items`` in order, in ``ceil(len / most)`` lists whose lengths differ by at most one."""
+    count = -(-len(items) // most)
+    base, extra = divmod(len(items), count)
+    lists, start = [], 0
+    for index in range(count):
+        length = base + (index < extra)
+        lists.append(items[start:start + length])
+        start += length
+    return lists

@@ -128,3 +128,14 @@ def test_bias_correction_op_matches_the_formula_eagerly_and_under_vmap():
     torch.testing.assert_close(one_by_one, expected, rtol=1e-14, atol=0)
     batched = torch.vmap(lambda c: amx.ops.bias_correction(0.999, c))(counts)
     torch.testing.assert_close(batched, expected, rtol=1e-14, atol=0)
+
+
+def test_buckets_split_near_equally_and_keep_the_order():
+    from adam_mini_tx.fused import _near_equal_split
+    for n in range(1, 40):
+        items = list(range(n))
+        lists = _near_equal_split(items, 8)
+        lengths = [len(part) for part in lists]
+        assert sum(lists, []) == items
+        assert max(lengths) <= 8 and max(lengths) - min(lengths) <= 1
+        assert len(lists) == -(-n // 8)
