@@ -6,8 +6,8 @@ candidates are interleaved round by round in one process and reported as ratios 
 must move / the machine's measured streaming bandwidth). The fused AdamMini compiles during the
 warm-up rounds; its compile time is reported.
 
-    python benchmarks/bench_step.py                       # ~25M params, writes benchmarks/out/
-    python benchmarks/bench_step.py --sizes 25m,36m,100m,350m --rounds 20
+    python benchmarks/bench_step.py              # 25M, 36M, 125M and 349M params (~15 min, 2 cores)
+    python benchmarks/bench_step.py --sizes 25m  # one size (~1 min once compiled)
 
 Writes ``results.md`` (table), ``results.json`` and ``results.png`` into ``--out``.
 """
@@ -30,7 +30,7 @@ from adam_mini_tx.demo.model import GPT, GPTConfig
 SIZES = {  # name -> (vocab, dim, layers, heads, kv heads, mlp hidden): Llama-shaped
     "25m": (8000, 512, 6, 8, 4, 1376),
     "36m": (8192, 512, 8, 8, 8, 1536),
-    "100m": (32000, 768, 12, 12, 4, 2048),
+    "125m": (32000, 768, 12, 12, 4, 2048),
     "350m": (32000, 1024, 24, 16, 8, 2816),
 }
 # bytes an fp32 step must move per parameter: AdamW reads p, g, m, v and writes p, m, v; Adam-mini
@@ -211,7 +211,7 @@ def plot(results: list[dict], path: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="25m", help=f"comma-separated from {list(SIZES)}")
+    parser.add_argument("--sizes", default=",".join(SIZES), help=f"comma-separated from {list(SIZES)}")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="cpu")
