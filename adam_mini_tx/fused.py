@@ -86,7 +86,7 @@ class FusedStep:
                     [s["m"] for s in states], [s["v"] for s in states], states[0]["step"])
             compiled = self._compiled.get(signature)
             if compiled is None:
-                compiled = self._compile(signature, lr, weight_decay, params)
+                compiled = self._compile(signature, lr, weight_decay)
                 start = time.perf_counter()
                 compiled(*args)
                 self.compile_seconds += time.perf_counter() - start
@@ -101,11 +101,9 @@ class FusedStep:
                                      torch.zeros((), dtype=torch.float64, device=device))
         return self._scalars[device]
 
-    def _compile(self, signature: tuple, lr: torch.Tensor, weight_decay: torch.Tensor,
-                 params: Sequence[torch.Tensor]) -> Callable:
+    def _compile(self, signature: tuple, lr: torch.Tensor, weight_decay: torch.Tensor) -> Callable:
         layout, label, size = signature[0], signature[1], signature[-1]
         tx = self._make_chain(lr, weight_decay, {str(i): layout for i in range(size)}, label)
-        tx.init({str(i): p for i, p in enumerate(params)})  # resolves the layouts before tracing
         # Only tensor and global-context guards: this function is private to one chain and one
         # bucket signature (layout, label, dtypes, device, size), which the caller already
         # matched, so the other guards (on the chain's closures) could never fail; they cost

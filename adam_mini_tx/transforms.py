@@ -111,30 +111,29 @@ def _as_weight(weight: float | torch.Tensor, like: torch.Tensor) -> float | torc
 
 
 class _Layouts:
-    """Resolves the block layout of every parameter, once per parameter structure."""
+    """Resolves the block layout of every parameter. A given plan (a BlockPlan or a mapping) is
+    looked up and checked at every call, which is cheap; a plan made from the tensors (``None``
+    or a function) is computed once per parameter structure."""
 
     def __init__(self, plan: PlanLike, plan_kwargs: dict):
-        self._given = plan
         self._plan_kwargs = plan_kwargs
+        self._given = plan.layouts() if isinstance(plan, BlockPlan) else plan
         self._cache: dict[tuple, Mapping[str, BlockLayout]] = {}
 
     def __call__(self, tensors: Mapping[str, torch.Tensor]) -> Mapping[str, BlockLayout]:
+        if isinstance(self._given, Mapping):
+            return self._checked(tensors, self._given)
         key = tuple((name, tuple(t.shape)) for name, t in tensors.items())
         layouts = self._cache.get(key)
         if layouts is None:
-            layouts = self._resolve(tensors)
+            layouts = (plan_blocks(dict(tensors), **self._plan_kwargs).layouts()
+                       if self._given is None else self._checked(tensors, self._given(tensors)))
             self._cache[key] = layouts
         return layouts
 
-    def _resolve(self, tensors: Mapping[str, torch.Tensor]) -> Mapping[str, BlockLayout]:
-        if self._given is None:
-            return plan_blocks(dict(tensors), **self._plan_kwargs).layouts()
-        if isinstance(self._given, BlockPlan):
-            given = self._given.layouts()
-        elif isinstance(self._given, Mapping):
-            given = self._given
-        else:
-            given = self._given(tensors)
+    @staticmethod
+    def _checked(tensors: Mapping[str, torch.Tensor],
+                 given: Mapping[str, BlockLayout]) -> Mapping[str, BlockLayout]:
         layouts = {}
         for name, tensor in tensors.items():
             if name not in given:
