@@ -44,14 +44,12 @@ def _zero_count() -> torch.Tensor:
 
 
 def _bias_correction(beta: float | torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    """``1 - beta**t`` in float64, so that early steps (1 - 0.999 = 1e-3) keep full precision.
-
-    Under ``torch.compile`` a constant ``beta`` goes through an opaque op, so that the compiler
-    computes the correction once per step instead of inlining ``pow`` into every element."""
+    """:func:`ops.one_minus_power`. Under ``torch.compile`` a constant ``beta`` goes through the
+    opaque op, so that the compiler computes the correction once per step instead of inlining
+    ``pow`` into every element."""
     if torch.compiler.is_compiling() and not isinstance(beta, torch.Tensor):
         return ops.bias_correction(float(beta), count)
-    beta = torch.as_tensor(beta, dtype=torch.float64)
-    return 1 - beta ** count.to(torch.float64)
+    return ops.one_minus_power(beta, count)
 
 
 def _state_like(tensor: torch.Tensor, shape: tuple[int, ...] | None = None,
