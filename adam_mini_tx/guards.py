@@ -30,10 +30,10 @@ def all_finite(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     """0-d bool: every element of every tensor is finite. One read of each tensor, no full-size
     temporary: NaN and Inf propagate into a tensor's sum (accumulated in at least fp32), so the sums
     are finite exactly when the elements are, unless a finite sum overflows fp32 (|sum| > 3e38),
-    which is then treated as non-finite too."""
-    flags = [torch.isfinite(t.sum(dtype=torch.promote_types(t.dtype, torch.float32)))
-             for t in tensors.values()]
-    return torch.stack(flags).all() if flags else torch.tensor(True)
+    which is then treated as non-finite too. The sums are stacked (promoted to the widest dtype)
+    and checked with one ``isfinite``: per-tensor checks cost ~1 ms more at 57 tensors."""
+    sums = [t.sum(dtype=torch.promote_types(t.dtype, torch.float32)) for t in tensors.values()]
+    return torch.isfinite(torch.stack(sums)).all() if sums else torch.tensor(True)
 
 
 def nonfinite_names(tensors: dict[str, torch.Tensor]) -> list[str]:

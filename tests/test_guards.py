@@ -88,6 +88,11 @@ def test_all_finite_on_large_finite_values_and_dtypes():
         assert bool(all_finite({"w": t}))
         t[2] = float("nan")
         assert not bool(all_finite({"ok": torch.ones(3), "w": t}))
+    mixed = {"half": torch.ones(3, dtype=torch.bfloat16), "big": torch.full((2,), 1e300,
+             dtype=torch.float64), "single": torch.ones(4)}
+    assert bool(all_finite(mixed))
+    mixed["half"][0] = float("inf")
+    assert not bool(all_finite(mixed))
 
 
 def test_unknown_policy():
