@@ -18,9 +18,12 @@ _LIBRARY.define("bias_correction(float beta, Tensor count) -> Tensor")
 def one_minus_power(beta: float | torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     """``1 - beta**count`` in float64, elementwise over the integer ``count`` (so that early steps,
     1 - 0.999 = 1e-3, keep full precision). The one definition of the bias correction: the eager
-    transforms call it directly, compiled ones through the opaque op below."""
-    beta = torch.as_tensor(beta, dtype=torch.float64)
-    return 1 - beta ** count.to(torch.float64)
+    transforms call it directly, compiled ones through the opaque op below. A float ``beta`` is a
+    scalar base (three small ops, not four: the op runs once per compiled bucket call)."""
+    exponent = count.to(torch.float64)
+    if isinstance(beta, torch.Tensor):
+        return 1 - beta.to(torch.float64) ** exponent
+    return 1 - torch.pow(beta, exponent)
 
 
 _LIBRARY.impl("bias_correction", one_minus_power, "CompositeExplicitAutograd")
