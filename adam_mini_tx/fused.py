@@ -76,10 +76,14 @@ class FusedStep:
 
     def __call__(self, group: Mapping[str, Any],
                  members: Sequence[tuple[str, torch.Tensor, dict[str, torch.Tensor]]]) -> None:
+        filled: set[torch.device] = set()
         for signature, bucket in self._buckets(members):
-            lr, weight_decay = self._scalars_on(bucket[0][1].device)
-            lr.fill_(group["lr"])
-            weight_decay.fill_(group["weight_decay"])
+            device = bucket[0][1].device
+            lr, weight_decay = self._scalars_on(device)
+            if device not in filled:  # once per step: every small op here costs ~20-50 us cold
+                lr.fill_(group["lr"])
+                weight_decay.fill_(group["weight_decay"])
+                filled.add(device)
             params = [param for _, param, _ in bucket]
             states = [state for _, _, state in bucket]
             args = ([str(i) for i in range(len(bucket))], params, [p.grad for p in params],
@@ -92,7 +96,8 @@ class FusedStep:
                 self.compile_seconds += time.perf_counter() - start
             else:
                 compiled(*args)
-            torch._foreach_add_([s["step"] for s in states], 1)
+        if members:
+            torch._foreach_add_([state["step"] for _, _, state in members], 1)
 
     def _scalars_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The 0-d ``lr`` and ``weight_decay`` tensors the kernels read (one pair per device)."""

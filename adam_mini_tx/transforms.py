@@ -13,7 +13,6 @@ import torch
 
 from .base import (EmptyState, GradientTransformation, Params, ScalarOrSchedule, Updates,
                    check_number, check_same_keys, check_same_structure, resolve)
-from . import ops
 from .blocks import BlockLayout
 from .plan import BlockPlan, plan_blocks
 
@@ -44,12 +43,24 @@ def _zero_count() -> torch.Tensor:
 
 
 def _bias_correction(beta: float | torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    """:func:`ops.one_minus_power`. Under ``torch.compile`` a constant ``beta`` goes through the
-    opaque op, so that the compiler computes the correction once per step instead of inlining
-    ``pow`` into every element."""
-    if torch.compiler.is_compiling() and not isinstance(beta, torch.Tensor):
-        return ops.bias_correction(float(beta), count)
-    return ops.one_minus_power(beta, count)
+    """``1 - beta**count`` in float64, elementwise over the integer ``count`` (early steps,
+    ``1 - 0.999 = 1e-3``, keep full precision).
+
+    Under ``torch.compile`` the value goes through ``amax`` over 16 copies of itself (exact).
+    Inductor gives a reduction of more than 8 elements a loop of its own
+    (``unroll_reductions_threshold``), so the float64 ``pow`` runs once per compiled call. Without
+    it, inductor inlines the ``pow`` into every vector iteration of the update loop, and the first
+    compiled step ran at 3.4x AdamW at 25M parameters. An opaque custom op also kept the ``pow``
+    out of the loop, but its eager call cost ~0.25 ms per compiled call once the caches were cold.
+    """
+    exponent = count.to(torch.float64)
+    if isinstance(beta, torch.Tensor):
+        correction = 1 - beta.to(torch.float64) ** exponent
+    else:  # a scalar base: one small op fewer
+        correction = 1 - torch.pow(beta, exponent)
+    if torch.compiler.is_compiling():
+        return correction.unsqueeze(-1).expand(*correction.shape, 16).amax(-1)
+    return correction
 
 
 def _state_like(tensor: torch.Tensor, shape: tuple[int, ...] | None = None,

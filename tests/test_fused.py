@@ -119,19 +119,22 @@ def test_fused_rejects_a_non_boolean():
         amx.AdamMini(TinyLlama(layers=1).named_parameters(), fused="yes", **HEADS)
 
 
-def test_bias_correction_op_matches_the_formula_eagerly_and_under_vmap():
+def test_compiled_bias_correction_equals_the_eager_one_also_under_vmap():
+    from adam_mini_tx.transforms import _bias_correction
     counts = torch.arange(0, 60)
     expected = 1 - torch.tensor(0.999, dtype=torch.float64) ** counts.to(torch.float64)
-    one_by_one = torch.stack([amx.ops.bias_correction(0.999, c) for c in counts])
-    assert one_by_one.dtype == torch.float64
-    # the op runs the eager transforms' formula itself: for a 0-d step count (what the transforms
-    # hold) compiled and eager corrections are the same bits
-    eager = torch.stack([amx.ops.one_minus_power(0.999, c) for c in counts])
-    assert torch.equal(one_by_one, eager)
+    eager = torch.stack([_bias_correction(0.999, c) for c in counts])
+    assert eager.dtype == torch.float64
     # ATen's vectorised pow over all counts at once may differ from the 0-d one in the last bit
-    torch.testing.assert_close(one_by_one, expected, rtol=1e-14, atol=0)
-    batched = torch.vmap(lambda c: amx.ops.bias_correction(0.999, c))(counts)
-    torch.testing.assert_close(batched, expected, rtol=1e-14, atol=0)
+    torch.testing.assert_close(eager, expected, rtol=1e-14, atol=0)
+    compiled = torch.compile(_bias_correction, fullgraph=True, dynamic=False)
+    # the compiled step computes the correction in its own small loop, with the same bits
+    assert torch.equal(torch.stack([compiled(0.999, c) for c in counts]), eager)
+    beta = torch.tensor(0.9)
+    assert torch.equal(torch.stack([compiled(beta, c) for c in counts[:5]]),
+                       torch.stack([_bias_correction(beta, c) for c in counts[:5]]))
+    batched = torch.compile(torch.vmap(lambda c: _bias_correction(0.999, c)), fullgraph=True)
+    torch.testing.assert_close(batched(counts), expected, rtol=1e-14, atol=0)
 
 
 def test_buckets_split_near_equally_and_keep_the_order():
