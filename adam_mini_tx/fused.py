@@ -76,28 +76,34 @@ class FusedStep:
 
     def __call__(self, group: Mapping[str, Any],
                  members: Sequence[tuple[str, torch.Tensor, dict[str, torch.Tensor]]]) -> None:
+        # lr and weight decay are filled, and the step counts bumped, once per step rather than
+        # per bucket: each small op costs 20-50 us once a bucket's kernel has flushed the caches
         filled: set[torch.device] = set()
-        for signature, bucket in self._buckets(members):
-            device = bucket[0][1].device
-            lr, weight_decay = self._scalars_on(device)
-            if device not in filled:  # once per step: every small op here costs ~20-50 us cold
-                lr.fill_(group["lr"])
-                weight_decay.fill_(group["weight_decay"])
-                filled.add(device)
-            params = [param for _, param, _ in bucket]
-            states = [state for _, _, state in bucket]
-            args = ([str(i) for i in range(len(bucket))], params, [p.grad for p in params],
-                    [s["m"] for s in states], [s["v"] for s in states], states[0]["step"])
-            compiled = self._compiled.get(signature)
-            if compiled is None:
-                compiled = self._compile(signature, lr, weight_decay)
-                start = time.perf_counter()
-                compiled(*args)
-                self.compile_seconds += time.perf_counter() - start
-            else:
-                compiled(*args)
-        if members:
-            torch._foreach_add_([state["step"] for _, _, state in members], 1)
+        stepped: list[torch.Tensor] = []
+        try:
+            for signature, bucket in self._buckets(members):
+                device = bucket[0][1].device
+                lr, weight_decay = self._scalars_on(device)
+                if device not in filled:
+                    lr.fill_(group["lr"])
+                    weight_decay.fill_(group["weight_decay"])
+                    filled.add(device)
+                params = [param for _, param, _ in bucket]
+                states = [state for _, _, state in bucket]
+                args = ([str(i) for i in range(len(bucket))], params, [p.grad for p in params],
+                        [s["m"] for s in states], [s["v"] for s in states], states[0]["step"])
+                compiled = self._compiled.get(signature)
+                if compiled is None:
+                    compiled = self._compile(signature, lr, weight_decay)
+                    start = time.perf_counter()
+                    compiled(*args)
+                    self.compile_seconds += time.perf_counter() - start
+                else:
+                    compiled(*args)
+                stepped.extend(state["step"] for state in states)
+        finally:  # a bucket that was written always has its step counted, even if a later fails
+            if stepped:
+                torch._foreach_add_(stepped, 1)
 
     def _scalars_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The 0-d ``lr`` and ``weight_decay`` tensors the kernels read (one pair per device)."""

@@ -146,3 +146,32 @@ def test_buckets_split_near_equally_and_keep_the_order():
         assert sum(lists, []) == items
         assert max(lengths) <= 8 and max(lengths) - min(lengths) <= 1
         assert len(lists) == -(-n // 8)
+
+
+def test_a_failing_bucket_leaves_the_buckets_before_it_counted_and_the_rest_untouched():
+    """Step counts are bumped once per step, but only for the buckets whose kernels ran."""
+    torch.manual_seed(0)
+    model = TinyLlama(layers=1)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt = amx.AdamMini(model.named_parameters(), lr=1e-2, fused=True, nonfinite="apply", **HEADS)
+    opt.step()
+    fused = next(entry[3] for entry in opt._chains if entry[3] is not None)
+    names = dict(zip(opt.param_groups[0]["params"], opt.param_groups[0]["param_names"]))
+    buckets = fused._buckets([(names[p], p, opt.state[p]) for p in opt.param_groups[0]["params"]])
+    assert len(buckets) >= 3
+    failing = buckets[1][0]
+
+    def fail(*args):
+        raise RuntimeError("kernel failed")
+
+    fused._compiled[failing] = fail
+    before = {name: (p.detach().clone(), int(opt.state[p]["step"])) for name, p, _ in
+              (member for _, bucket in buckets for member in bucket)}
+    with pytest.raises(RuntimeError, match="kernel failed"):
+        opt.step()
+    for index, (_, bucket) in enumerate(buckets):
+        for name, p, state in bucket:
+            value, step = before[name]
+            assert int(state["step"]) == step + (index == 0), name
+            assert torch.equal(p, value) == (index != 0), name
