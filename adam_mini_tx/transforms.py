@@ -53,11 +53,7 @@ def _bias_correction(beta: float | torch.Tensor, count: torch.Tensor) -> torch.T
     compiled step ran at 3.4x AdamW at 25M parameters. An opaque custom op also kept the ``pow``
     out of the loop, but its eager call cost ~0.25 ms per compiled call once the caches were cold.
     """
-    exponent = count.to(torch.float64)
-    if isinstance(beta, torch.Tensor):
-        correction = 1 - beta.to(torch.float64) ** exponent
-    else:  # a scalar base: one small op fewer
-        correction = 1 - torch.pow(beta, exponent)
+    correction = 1 - torch.pow(beta, count.to(torch.float64))  # a tensor beta is promoted
     if torch.compiler.is_compiling():
         return correction.unsqueeze(-1).expand(*correction.shape, 16).amax(-1)
     return correction
