@@ -44,19 +44,24 @@ def _zero_count() -> torch.Tensor:
 
 def _bias_correction(beta: float | torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     """``1 - beta**count`` in float64, elementwise over the integer ``count`` (early steps,
-    ``1 - 0.999 = 1e-3``, keep full precision).
-
-    Under ``torch.compile`` the value goes through ``amax`` over 16 copies of itself (exact).
-    Inductor gives a reduction of more than 8 elements a loop of its own
-    (``unroll_reductions_threshold``), so the float64 ``pow`` runs once per compiled call. Without
-    it, inductor inlines the ``pow`` into every vector iteration of the update loop, and the first
-    compiled step ran at 3.4x AdamW at 25M parameters. An opaque custom op also kept the ``pow``
-    out of the loop, but its eager call cost ~0.25 ms per compiled call once the caches were cold.
+    ``1 - 0.999 = 1e-3``, keep full precision). Computed once per compiled call: inlined into the
+    update loop, the float64 ``pow`` made the first compiled step 3.4x AdamW at 25M parameters.
     """
-    correction = 1 - torch.pow(beta, count.to(torch.float64))  # a tensor beta is promoted
+    return _computed_once(1 - torch.pow(beta, count.to(torch.float64)))  # beta is promoted
+
+
+def _computed_once(small: torch.Tensor) -> torch.Tensor:
+    """``small`` itself. Under ``torch.compile`` it passes through an exact ``amax`` over 16
+    copies of itself, so inductor computes it in a loop of its own (it unrolls reductions of at
+    most 8 elements, ``unroll_reductions_threshold``) and a loop that broadcasts it loads it,
+    instead of recomputing it (``pow``, ``sqrt``, divisions) at every vector iteration: the C++
+    is built with ``-fmath-errno`` and the loop writes through pointers that may alias its
+    inputs, so the C++ compiler does not hoist such scalar work out of the loop itself.
+    Values and gradients are unchanged. (An opaque custom op also kept such work out of the
+    loop, but its eager call cost ~0.25 ms per compiled call once the caches were cold.)"""
     if torch.compiler.is_compiling():
-        return correction.unsqueeze(-1).expand(*correction.shape, 16).amax(-1)
-    return correction
+        return small.unsqueeze(-1).expand(*small.shape, 16).amax(-1)
+    return small
 
 
 def _state_like(tensor: torch.Tensor, shape: tuple[int, ...] | None = None,
@@ -194,6 +199,8 @@ def blockwise_mean_square(b2: float | torch.Tensor = 0.999, plan: PlanLike = Non
             v = v * _as_weight(b2, v) + layout.mean_square(g) * _as_weight(1 - b2, v)
             nu[name] = v
             denominator = _root_of_corrected(v, correction, eps_root) + _as_weight(eps, v)
+            if denominator.numel() < g.numel():  # one value per block, broadcast over the block
+                denominator = _computed_once(denominator)
             out[name] = updates[name].to(v.dtype) / layout.expand(denominator)
         return out, SecondMomentState(count, nu)
 

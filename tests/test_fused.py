@@ -137,6 +137,26 @@ def test_compiled_bias_correction_equals_the_eager_one_also_under_vmap():
     torch.testing.assert_close(batched(counts), expected, rtol=1e-14, atol=0)
 
 
+def test_per_block_denominator_computed_once_keeps_values_and_gradients():
+    # under compile the denominator goes through an exact amax over copies (its own loop);
+    # values and gradients through it must equal the eager ones
+    tx = amx.blockwise_mean_square(0.999, {"w": amx.blocks.per_row((6, 4))}, eps=1e-3)
+    grads = {"w": torch.randn(6, 4)}
+    state = tx.init(grads)
+
+    def loss(scale):
+        out, _ = tx.update({"w": grads["w"] * scale}, state, grads=grads)
+        return out["w"].square().sum()
+
+    scale = torch.tensor(1.5, requires_grad=True)
+    eager_value = loss(scale)
+    (eager_grad,) = torch.autograd.grad(eager_value, scale)
+    compiled_value = torch.compile(loss, backend="aot_eager", fullgraph=True)(scale)
+    (compiled_grad,) = torch.autograd.grad(compiled_value, scale)
+    assert torch.equal(compiled_value, eager_value)
+    torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-6, atol=0)
+
+
 def test_buckets_split_near_equally_and_keep_the_order():
     from adam_mini_tx.fused import _near_equal_split
     for n in range(1, 40):
