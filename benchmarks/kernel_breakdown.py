@@ -7,7 +7,8 @@ against ``AdamW(fused=True)`` on the same tensors (all candidates interleaved, m
 Rows reported (ratios to AdamW fused on the same tensors):
 
 * ``AdamMini fused step``: ``optimizer.step()`` with ``fused=True, nonfinite="apply"``.
-* ``compiled bucket call``: the bucket's compiled chain alone (no optimizer bookkeeping).
+* ``compiled bucket call``: the bucket's compiled chain alone (its round's call, no optimizer
+  bookkeeping).
 * ``same call, tiny tensors``: the compiled call on (16, 8) tensors: the per-call wrapper cost,
   right after the streaming kernels above (as between the buckets of a step), and ``again``: the
   same call once more straight after it, with the wrapper's memory back in cache.
@@ -27,6 +28,7 @@ from typing import Callable
 import torch
 
 from adam_mini_tx import AdamMini
+from adam_mini_tx.fused import _bucket_args
 from adam_mini_tx.guards import all_finite
 
 
@@ -39,17 +41,14 @@ def bucket(rows: int, cols: int, count: int) -> list[tuple[str, torch.nn.Paramet
 
 
 def compiled_call(optimizer: AdamMini) -> Callable[[], None]:
-    """The optimizer's (single) compiled bucket call, bound to its tensors."""
+    """The optimizer's (single) compiled round call, bound to its tensors."""
     fused = next(entry[3] for entry in optimizer._chains if entry[3] is not None)
     members = [(name, param, optimizer.state[param]) for group in optimizer.param_groups
                for name, param in zip(group["param_names"], group["params"])]
-    [(signature, items)] = fused._buckets(members)
-    params = [param for _, param, _ in items]
-    states = [state for _, _, state in items]
-    args = ([str(i) for i in range(len(items))], params, [p.grad for p in params],
-            [s["m"] for s in states], [s["v"] for s in states], states[0]["step"])
+    [(_, signature, buckets)] = fused._rounds(members)
+    args = [_bucket_args(bucket) for bucket in buckets]
     call = fused._compiled[signature]
-    return lambda: call(*args)
+    return lambda: call(args)
 
 
 def stepped(named: list, **kwargs) -> AdamMini:

@@ -168,30 +168,42 @@ def test_buckets_split_near_equally_and_keep_the_order():
         assert len(lists) == -(-n // 8)
 
 
-def test_a_failing_bucket_leaves_the_buckets_before_it_counted_and_the_rest_untouched():
-    """Step counts are bumped once per step, but only for the buckets whose kernels ran."""
+def test_rounds_hold_the_i_th_bucket_of_every_layout_and_a_failing_round_counts_only_earlier_ones(
+        monkeypatch):
+    """Buckets run in rounds (one compiled call each); step counts are bumped once per step, but
+    only for the rounds that ran. The rounds run uncompiled here: this tests the bookkeeping."""
+    monkeypatch.setattr(torch, "compile", lambda function, **options: function)
     torch.manual_seed(0)
-    model = TinyLlama(layers=1)
+    model = TinyLlama(layers=5)  # 10 gate/up weights and 11 norms: two buckets each, 5 + 5, 6 + 5
+    named = dict(model.named_parameters())
     for p in model.parameters():
         p.grad = torch.randn_like(p)
     opt = amx.AdamMini(model.named_parameters(), lr=1e-2, fused=True, nonfinite="apply", **HEADS)
     opt.step()
     fused = next(entry[3] for entry in opt._chains if entry[3] is not None)
-    names = dict(zip(opt.param_groups[0]["params"], opt.param_groups[0]["param_names"]))
-    buckets = fused._buckets([(names[p], p, opt.state[p]) for p in opt.param_groups[0]["params"]])
-    assert len(buckets) >= 3
-    failing = buckets[1][0]
+    names = {p: name for name, p in named.items()}
+    rounds = fused._rounds([(names[p], p, opt.state[p]) for p in opt.param_groups[0]["params"]])
+    # round (1, 0): every layout that fits one bucket; rounds (2, 0) and (2, 1): the first and
+    # the second bucket of the gate/up weights and of the norms
+    assert len(rounds) == 3
+    first, middle, last = ([name for bucket in buckets for name, _, _ in bucket]
+                           for _, _, buckets in rounds)
+    assert sorted(first + middle + last) == sorted(named)
+    assert [kind[:-1] for kind in rounds[1][1]] == [kind[:-1] for kind in rounds[2][1]]
+    late_norms = [f"layers.{i}.{n}_layernorm.weight" for i in (3, 4) for n in ("input",
+                                                                              "post_attention")]
+    late_mlp = [f"layers.{i}.mlp.{n}_proj.weight" for i in (3, 4) for n in ("gate", "up")]
+    assert sorted(last) == sorted(late_norms + ["norm.weight", "layers.2.mlp.up_proj.weight"]
+                                    + late_mlp)
 
-    def fail(*args):
+    def fail(args):
         raise RuntimeError("kernel failed")
 
-    fused._compiled[failing] = fail
-    before = {name: (p.detach().clone(), int(opt.state[p]["step"])) for name, p, _ in
-              (member for _, bucket in buckets for member in bucket)}
+    fused._compiled[rounds[2][1]] = fail
+    before = {name: (p.detach().clone(), int(opt.state[p]["step"])) for name, p in named.items()}
     with pytest.raises(RuntimeError, match="kernel failed"):
         opt.step()
-    for index, (_, bucket) in enumerate(buckets):
-        for name, p, state in bucket:
-            value, step = before[name]
-            assert int(state["step"]) == step + (index == 0), name
-            assert torch.equal(p, value) == (index != 0), name
+    for name, p in named.items():
+        value, step = before[name]
+        assert int(opt.state[p]["step"]) == step + (name not in last), name
+        assert torch.equal(p, value) == (name in last), name
