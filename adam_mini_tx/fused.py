@@ -3,10 +3,10 @@ a block layout, writing parameters and state in place.
 
 Parameters of one param group are bucketed by everything the compiled code depends on (block
 layout, decay label, dtypes, device, step count) and cut into lists of at most ``bucket_size``
-tensors; round ``r`` of a step runs the ``r``-th bucket of every layout. Each round shape
-compiles once (``torch.compile(fullgraph=True, dynamic=False)``) into kernels that read ``g`` for
-the block statistics, then read ``p, g, m`` and write ``p, m`` in one pass, with ``v`` (one
-value per block) small; nothing full-size is allocated.
+tensors, which run in rounds (see ``FusedStep._rounds``). Each round shape compiles once
+(``torch.compile(fullgraph=True, dynamic=False)``) into kernels that read ``g`` for the block
+statistics, then read ``p, g, m`` and write ``p, m`` in one pass, with ``v`` (one value per
+block) small; nothing full-size is allocated.
 ``lr`` and ``weight_decay`` reach the kernel as 0-d tensors refreshed from the param group before
 every step, so schedulers never trigger a recompile.
 """

@@ -58,8 +58,10 @@ def _computed_once(small: torch.Tensor) -> torch.Tensor:
     is built with ``-fmath-errno`` and the loop writes through pointers that may alias its
     inputs, so the C++ compiler does not hoist such scalar work out of the loop itself.
     Values and gradients are unchanged. (An opaque custom op also kept such work out of the
-    loop, but its eager call cost ~0.25 ms per compiled call once the caches were cold.)"""
-    if torch.compiler.is_compiling():
+    loop, but its eager call cost ~0.25 ms per compiled call once the caches were cold.) Only on
+    the CPU: a GPU thread's recomputation is cheap next to one more kernel launch (not measured:
+    no GPU was available; the step counts, and so the bias corrections, live on the CPU)."""
+    if torch.compiler.is_compiling() and small.device.type == "cpu":
         return small.unsqueeze(-1).expand(*small.shape, 16).amax(-1)
     return small
 
