@@ -92,12 +92,15 @@ class FusedStep:
                  members: Sequence[tuple[str, torch.Tensor, dict[str, torch.Tensor]]]) -> None:
         # lr and weight decay are filled, and the step counts bumped, once per step rather than
         # per round: each small op costs 20-50 us once a kernel has flushed the caches
+        filled: set[torch.device] = set()
         stepped: list[torch.Tensor] = []
         try:
             for device, signature, buckets in self._rounds(members):
                 lr, weight_decay = self._scalars_on(device)
-                lr.fill_(group["lr"])
-                weight_decay.fill_(group["weight_decay"])
+                if device not in filled:
+                    lr.fill_(group["lr"])
+                    weight_decay.fill_(group["weight_decay"])
+                    filled.add(device)
                 args = [_bucket_args(bucket) for bucket in buckets]
                 compiled = self._compiled.get(signature)
                 if compiled is None:
