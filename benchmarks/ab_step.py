@@ -22,10 +22,9 @@ from pathlib import Path
 import torch
 
 import adam_mini_tx
-from adam_mini_tx.demo.model import GPT, GPTConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_step import SIZES  # noqa: E402
+from bench_step import SIZES, llama_model  # noqa: E402
 
 
 def import_at(commit: str, folder: Path):
@@ -51,13 +50,12 @@ def main() -> None:
         print(f"| size | AdamW fused ms | {args.base} fused | this fused | {args.base} fused, "
               f"skip | this fused, skip |\n|---|---|---|---|---|---|")
         for size in args.sizes.split(","):
-            vocab, dim, layers, heads, kv_heads, hidden = SIZES[size]
-            torch.manual_seed(0)
-            model = GPT(GPTConfig(vocab, dim, layers, heads, kv_heads, hidden, max_seq=64))
+            model = llama_model(size)
             named = list(model.named_parameters())
             for _, param in named:
                 param.grad = torch.randn_like(param)
-            common = dict(lr=1e-4, n_heads=heads, n_kv_heads=kv_heads, fused=True)
+            common = dict(lr=1e-4, n_heads=model.config.n_heads,
+                          n_kv_heads=model.config.n_kv_heads, fused=True)
             optimizers = [torch.optim.AdamW([p for _, p in named], lr=1e-4, fused=True)] + [
                 package.AdamMini(named, nonfinite=policy, **common)
                 for policy in ("apply", "skip") for package in (base, adam_mini_tx)]

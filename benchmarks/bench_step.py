@@ -128,10 +128,16 @@ def allocated_during_step(opt: torch.optim.Optimizer, device: torch.device) -> t
     return float(total), float(peak)
 
 
-def bench_size(size: str, rounds: int, warmup: int, device: torch.device) -> dict:
+def llama_model(size: str) -> GPT:
+    """The benchmark's Llama-shaped model of ``size`` (a key of :data:`SIZES`), seeded."""
     vocab, dim, layers, heads, kv, hidden = SIZES[size]
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab, dim, layers, heads, kv, hidden, max_seq=64)).to(device)
+    return GPT(GPTConfig(vocab, dim, layers, heads, kv, hidden, max_seq=64))
+
+
+def bench_size(size: str, rounds: int, warmup: int, device: torch.device) -> dict:
+    model = llama_model(size).to(device)
+    heads, kv = model.config.n_heads, model.config.n_kv_heads
     n_params = sum(p.numel() for p in model.parameters())
     grads = [torch.randn_like(p) for p in model.parameters()]
     opts = candidates(model, heads, kv)
