@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from .alias import adam_mini_slots, adam_mini_state_from_slots
-from .base import GradientTransformation
+from .base import GradientTransformation, to_dtype
 from .blocks import BlockLayout
 
 ChainFactory = Callable[[torch.Tensor, torch.Tensor, Mapping[str, BlockLayout], str],
@@ -48,7 +48,7 @@ def _write_step_in_place(tx: GradientTransformation, names: Sequence[str],
     slots = {name: {"step": step, "m": m, "v": v} for name, m, v in zip(names, moments, second)}
     updates, new = chain_step(tx, dict(zip(names, params)), dict(zip(names, grads)), slots)
     for name, param, m, v in zip(names, params, moments, second):
-        param.add_(updates[name].to(param.dtype))
+        param.add_(to_dtype(updates[name], param.dtype))
         m.copy_(new[name]["m"])
         v.copy_(new[name]["v"])
 

@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from .alias import DECAY_MASKS, adam_mini, adam_mini_slots
-from .base import GradientTransformation, check_betas, check_gradients, check_number
+from .base import (GradientTransformation, check_betas, check_gradients, check_number,
+                   to_dtype)
 from .blocks import is_dtensor
 from .fused import FusedStep, chain_step
 from .guards import all_finite, check_policy, nonfinite_names
@@ -123,7 +124,7 @@ class AdamMini(torch.optim.Optimizer):
                                             {name: param.grad for name, param, _ in chunk},
                                             {name: state for name, _, state in chunk})
                 for name, param, state in chunk:
-                    param.add_(updates[name].to(param.dtype))
+                    param.add_(to_dtype(updates[name], param.dtype))
                     state.update(slots[name])
         return loss
 

@@ -12,7 +12,7 @@ from typing import Callable, Mapping, NamedTuple, Union
 import torch
 
 from .base import (EmptyState, GradientTransformation, Params, ScalarOrSchedule, Updates,
-                   check_number, check_same_keys, check_same_structure, resolve)
+                   check_number, check_same_keys, check_same_structure, resolve, to_dtype)
 from .blocks import BlockLayout
 from .plan import BlockPlan, plan_blocks
 
@@ -66,6 +66,19 @@ def _computed_once(small: torch.Tensor) -> torch.Tensor:
     return small
 
 
+class _PerDtype:
+    """A scalar tensor cast once per dtype (not once per parameter: the casts are dispatches)."""
+
+    def __init__(self, value: torch.Tensor):
+        self._value = value
+        self._in: dict[torch.dtype, torch.Tensor] = {}
+
+    def __call__(self, dtype: torch.dtype) -> torch.Tensor:
+        if dtype not in self._in:
+            self._in[dtype] = to_dtype(self._value, dtype)
+        return self._in[dtype]
+
+
 def _state_like(tensor: torch.Tensor, shape: tuple[int, ...] | None = None,
                 dtype: torch.dtype | None = None) -> torch.Tensor:
     """Zeros on ``tensor``'s device in ``dtype`` (default: the tensor's own dtype)."""
@@ -75,7 +88,10 @@ def _state_like(tensor: torch.Tensor, shape: tuple[int, ...] | None = None,
 
 def safe_sqrt(x: torch.Tensor) -> torch.Tensor:
     """``sqrt(x)`` whose derivative at ``x = 0`` is 0 instead of ``inf`` (no NaN meta-gradients
-    through blocks whose gradient is exactly zero). Same forward values as ``torch.sqrt``."""
+    through blocks whose gradient is exactly zero). Same forward values as ``torch.sqrt``, which
+    it is when no derivative can be taken (the optimizer's step: 1 op instead of 6)."""
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return torch.sqrt(x)
     positive = x > 0
     return torch.where(positive, torch.sqrt(torch.where(positive, x, torch.ones_like(x))),
                        torch.zeros_like(x))
@@ -101,17 +117,17 @@ def momentum(b1: float | torch.Tensor = 0.9, *, nesterov: bool = False,
     def update(updates, state, params=None, grads=None):
         check_same_structure(state.mu, updates, "updates", "momentum state")
         count = state.count + 1
-        mu = {name: m.lerp(updates[name].to(m.dtype), _as_weight(1 - b1, m))
+        mu = {name: m.lerp(to_dtype(updates[name], m.dtype), _as_weight(1 - b1, m))
               for name, m in state.mu.items()}
         if not bias_correction:
             return dict(mu), MomentumState(count, mu)
-        correction = _bias_correction(b1, count)
+        correction = _PerDtype(_bias_correction(b1, count))
         if not nesterov:
-            return ({name: m / correction.to(m.dtype) for name, m in mu.items()},
+            return ({name: m / correction(m.dtype) for name, m in mu.items()},
                     MomentumState(count, mu))
-        ahead = _bias_correction(b1, count + 1)
-        out = {name: _as_weight(b1, m) * m / ahead.to(m.dtype)
-               + _as_weight(1 - b1, m) * updates[name].to(m.dtype) / correction.to(m.dtype)
+        ahead = _PerDtype(_bias_correction(b1, count + 1))
+        out = {name: _as_weight(b1, m) * m / ahead(m.dtype)
+               + _as_weight(1 - b1, m) * to_dtype(updates[name], m.dtype) / correction(m.dtype)
                for name, m in mu.items()}
         return out, MomentumState(count, mu)
 
@@ -189,6 +205,7 @@ def blockwise_mean_square(b2: float | torch.Tensor = 0.999, plan: PlanLike = Non
         layouts = layouts_of(grads)
         count = state.count + 1
         correction = _bias_correction(b2, count)
+        corrections = _PerDtype(correction), _PerDtype(correction.sqrt())
         nu, out = {}, {}
         for name, v in state.nu.items():
             layout = layouts[name]
@@ -197,24 +214,25 @@ def blockwise_mean_square(b2: float | torch.Tensor = 0.999, plan: PlanLike = Non
                                  f"{tuple(v.shape)} but its block layout needs {layout.v_shape}; "
                                  f"the state was made with another block plan: init it with this "
                                  f"transform")
-            g = grads[name].to(v.dtype)
+            g = to_dtype(grads[name], v.dtype)
             v = v * _as_weight(b2, v) + layout.mean_square(g) * _as_weight(1 - b2, v)
             nu[name] = v
-            denominator = _root_of_corrected(v, correction, eps_root) + _as_weight(eps, v)
+            denominator = _root_of_corrected(v, *corrections, eps_root) + _as_weight(eps, v)
             if denominator.numel() < g.numel():  # one value per block, broadcast over the block
                 denominator = _computed_once(denominator)
-            out[name] = updates[name].to(v.dtype) / layout.expand(denominator)
+            out[name] = to_dtype(updates[name], v.dtype) / layout.expand(denominator)
         return out, SecondMomentState(count, nu)
 
     return GradientTransformation(init, update)
 
 
-def _root_of_corrected(v: torch.Tensor, correction: torch.Tensor, eps_root: float) -> torch.Tensor:
+def _root_of_corrected(v: torch.Tensor, correction: _PerDtype, root_of_correction: _PerDtype,
+                       eps_root: float) -> torch.Tensor:
     """``sqrt(v / c + eps_root)``, computed as ``sqrt(v + eps_root c) / sqrt(c)`` (torch.optim's
     rounding order, so that elementwise blocks reproduce torch.optim.AdamW to the last bits)."""
     if eps_root:
-        v = v + eps_root * correction.to(v.dtype)
-    return safe_sqrt(v) / correction.sqrt().to(v.dtype)
+        v = v + eps_root * correction(v.dtype)
+    return safe_sqrt(v) / root_of_correction(v.dtype)
 
 
 def decoupled_decay(weight_decay: ScalarOrSchedule = 1e-2) -> GradientTransformation:
@@ -234,12 +252,13 @@ def decoupled_decay(weight_decay: ScalarOrSchedule = 1e-2) -> GradientTransforma
         count = state.count + 1
         wd = resolve(weight_decay, count)
         if isinstance(wd, torch.Tensor):
-            out = {name: u + _as_weight(wd, u) * params[name].to(u.dtype)
+            out = {name: u + _as_weight(wd, u) * to_dtype(params[name], u.dtype)
                    for name, u in updates.items()}
         elif wd == 0:
             out = dict(updates)
         else:  # a Python number: one fused pass, u + wd * p
-            out = {name: u.add(params[name].to(u.dtype), alpha=wd) for name, u in updates.items()}
+            out = {name: u.add(to_dtype(params[name], u.dtype), alpha=wd)
+                   for name, u in updates.items()}
         return out, CountState(count)
 
     return GradientTransformation(init, update)

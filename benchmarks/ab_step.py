@@ -1,9 +1,10 @@
-"""A/B: the fused AdamMini step of this checkout against the same step at another git commit, in
+"""A/B: the AdamMini step of this checkout against the same step at another git commit, in
 one process (interleaved rounds, medians, ratios to ``AdamW(fused=True)``), so that a change is
 measured without the +-10% drift between separate runs on a shared machine.
 
     python benchmarks/ab_step.py --base bb96b2e                 # 25M and 36M models
     python benchmarks/ab_step.py --base HEAD~3 --sizes 125m --rounds 20
+    python benchmarks/ab_step.py --base HEAD --mode eager       # the eager step (fused=False)
 
 The base commit's ``adam_mini_tx`` is extracted with ``git archive`` into a temporary folder and
 imported under another name (the package uses relative imports only).
@@ -44,23 +45,25 @@ def main() -> None:
     parser.add_argument("--base", required=True, help="git commit to compare against")
     parser.add_argument("--sizes", default="25m,36m", help=f"comma-separated from {list(SIZES)}")
     parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--mode", choices=("fused", "eager"), default="fused")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         base = import_at(args.base, Path(folder))
-        print(f"| size | AdamW fused ms | {args.base} fused | this fused | {args.base} fused, "
-              f"skip | this fused, skip |\n|---|---|---|---|---|---|")
+        mode = args.mode
+        print(f"| size | AdamW fused ms | {args.base} {mode} | this {mode} | {args.base} {mode}, "
+              f"skip | this {mode}, skip |\n|---|---|---|---|---|---|")
         for size in args.sizes.split(","):
             model = llama_model(size)
             named = list(model.named_parameters())
             for _, param in named:
                 param.grad = torch.randn_like(param)
             common = dict(lr=1e-4, n_heads=model.config.n_heads,
-                          n_kv_heads=model.config.n_kv_heads, fused=True)
+                          n_kv_heads=model.config.n_kv_heads, fused=mode == "fused")
             optimizers = [torch.optim.AdamW([p for _, p in named], lr=1e-4, fused=True)] + [
                 package.AdamMini(named, nonfinite=policy, **common)
                 for policy in ("apply", "skip") for package in (base, adam_mini_tx)]
             times = [[] for _ in optimizers]
-            for round_ in range(args.rounds + 3):  # 3 warm-up rounds (the fused steps compile)
+            for round_ in range(args.rounds + 3):  # 3 warm-up rounds (fused steps compile)
                 for optimizer, samples in zip(optimizers, times):
                     start = time.perf_counter()
                     optimizer.step()

@@ -147,3 +147,13 @@ def test_safe_sqrt_has_finite_gradient_at_zero():
     y.sum().backward()
     assert torch.equal(y.detach(), torch.tensor([0.0, 2.0]))
     assert torch.equal(x.grad, torch.tensor([0.0, 0.25]))
+
+
+def test_safe_sqrt_is_the_plain_root_where_no_derivative_can_be_taken():
+    x = torch.tensor([0.0, 4.0, 2.0])
+    with torch.no_grad():
+        assert torch.equal(amx.safe_sqrt(x.requires_grad_()), torch.sqrt(x))
+    x = x.detach()
+    assert torch.equal(amx.safe_sqrt(x), torch.sqrt(x))
+    meta = torch.func.grad(lambda t: amx.safe_sqrt(t).sum())(torch.tensor([0.0, 4.0]))
+    assert torch.equal(meta, torch.tensor([0.0, 0.25]))  # inside torch.func: still safe at 0
