@@ -105,19 +105,20 @@ class AdamMini(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         grads = self._checked_gradients()
-        if self.nonfinite != "apply" and not self._finite_or_skip(grads):
+        steps = [self._chain(index, group) for index, group in enumerate(self.param_groups)]
+        finite, fused_names = [], set()
+        if self.fused:  # the statistics pass: the fused members' check costs no read of its own
+            for (tx, fused_step), group in zip(steps, self.param_groups):
+                members = [m for m in self._members(tx, group)
+                           if not is_dtensor(m[1])]
+                finite.extend(fused_step.prepare(members, statistics=self.nonfinite != "apply"))
+                fused_names.update(name for name, _, _ in members)
+        if self.nonfinite != "apply" and not self._finite_or_skip(grads, finite, fused_names):
             return loss
-        for index, group in enumerate(self.param_groups):
-            tx, fused_step = self._chain(index, group)
-            members = []
-            for name, param in zip(group["param_names"], group["params"]):
-                if param.grad is not None:
-                    state = self.state[param]
-                    if not state:
-                        state.update(init_slots(tx, name, param))
-                    members.append((name, param, state))
+        for (tx, fused_step), group in zip(steps, self.param_groups):
+            members = self._members(tx, group)
             if fused_step is not None:
-                fused_step(group, [m for m in members if not is_dtensor(m[1])])
+                fused_step.apply(group)
                 members = [m for m in members if is_dtensor(m[1])]
             for chunk in _chunks(members):
                 updates, slots = chain_step(tx, {name: param for name, param, _ in chunk},
@@ -140,11 +141,31 @@ class AdamMini(torch.optim.Optimizer):
         check_gradients(grads)
         return grads
 
-    def _finite_or_skip(self, grads: dict[str, torch.Tensor]) -> bool:
-        """The non-finite policy: True if the step may go on (one host sync per step)."""
-        if bool(all_finite(grads)):
+    def _members(self, tx: GradientTransformation, group: dict[str, Any]
+                 ) -> list[tuple[str, torch.Tensor, dict[str, torch.Tensor]]]:
+        """``(name, param, state)`` for the group's parameters that have a gradient, their state
+        initialised by ``tx`` where it is empty."""
+        members = []
+        for name, param in zip(group["param_names"], group["params"]):
+            if param.grad is not None:
+                state = self.state[param]
+                if not state:
+                    state.update(init_slots(tx, name, param))
+                members.append((name, param, state))
+        return members
+
+    def _finite_or_skip(self, grads: dict[str, torch.Tensor], finite: list[torch.Tensor],
+                        checked: set[str]) -> bool:
+        """The non-finite policy: True if the step may go on (one host sync per step).
+        ``finite`` holds flags that already cover the gradients named in ``checked``."""
+        rest = {name: grad for name, grad in grads.items() if name not in checked}
+        if rest:
+            finite = [*finite, all_finite(rest)]
+        if not finite or bool(torch.stack([flag.to(finite[0].device) for flag in finite]).all()):
             return True
         names = nonfinite_names(grads)
+        if not names:  # finite gradients whose squares overflow: the step goes on, as eager
+            return True
         if self.nonfinite == "raise":
             raise FloatingPointError(f"non-finite gradient in {names}; the step was not applied")
         for group in self.param_groups:

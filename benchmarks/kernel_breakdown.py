@@ -6,10 +6,13 @@ against ``AdamW(fused=True)`` on the same tensors (all candidates interleaved, m
 
 Rows reported (ratios to AdamW fused on the same tensors):
 
-* ``AdamMini fused step``: ``optimizer.step()`` with ``fused=True, nonfinite="apply"``.
-* ``compiled bucket call``: the bucket's compiled chain alone (its round's call, no optimizer
-  bookkeeping).
-* ``same call, tiny tensors``: the compiled call on (16, 8) tensors: the per-call wrapper cost,
+* ``AdamMini fused step``: ``optimizer.step()`` with ``fused=True, nonfinite="apply"``, and
+  ``(skip)``: the same with the default ``nonfinite="skip"`` (two passes: the statistics, which
+  the check reads, then the update).
+* ``update call, reading g``: the round's compiled call alone with ``"apply"`` (no optimizer
+  bookkeeping); ``statistics pass call`` and ``update call, given statistics``: its two calls
+  with ``"skip"``.
+* ``update call, tiny tensors``: the update call on (16, 8) tensors: the per-call wrapper cost,
   right after the streaming kernels above (as between the buckets of a step), and ``again``: the
   same call once more straight after it, with the wrapper's memory back in cache.
 * ``row sums of squares only``: a compiled ``(g * g).sum(1)`` per tensor: the statistic's pass.
@@ -40,19 +43,27 @@ def bucket(rows: int, cols: int, count: int) -> list[tuple[str, torch.nn.Paramet
     return named
 
 
-def compiled_call(optimizer: AdamMini) -> Callable[[], None]:
-    """The optimizer's (single) compiled round call, bound to its tensors."""
+def compiled_calls(optimizer: AdamMini) -> dict[str, Callable[[], None]]:
+    """The compiled calls of the optimizer's (single) round, bound to its tensors: with
+    ``nonfinite="apply"`` the update reading ``g`` for its statistics, otherwise the statistics
+    pass and the update taking them."""
     fused = next(entry[3] for entry in optimizer._chains if entry[3] is not None)
     members = [(name, param, optimizer.state[param]) for group in optimizer.param_groups
                for name, param in zip(group["param_names"], group["params"])]
     [(_, signature, buckets)] = fused._rounds(members)
     args = [_bucket_args(bucket) for bucket in buckets]
-    call = fused._compiled[signature]
-    return lambda: call(args)
+    if optimizer.nonfinite == "apply":
+        update = fused._compiled[(signature, False)]
+        return {"update call, reading g": lambda: update(args, [[] for _ in buckets])}
+    grads = [[param.grad for _, param, _ in bucket] for bucket in buckets]
+    sums = [[fused._row_sums[name] for name, _, _ in bucket] for bucket in buckets]
+    statistics, update = fused._compiled_statistics[signature], fused._compiled[(signature, True)]
+    return {"statistics pass call": lambda: statistics(grads, sums),
+            "update call, given statistics": lambda: update(args, sums)}
 
 
-def stepped(named: list, **kwargs) -> AdamMini:
-    optimizer = AdamMini(named, lr=1e-4, weight_decay=0.1, fused=True, nonfinite="apply", **kwargs)
+def stepped(named: list, nonfinite: str = "apply") -> AdamMini:
+    optimizer = AdamMini(named, lr=1e-4, weight_decay=0.1, fused=True, nonfinite=nonfinite)
     optimizer.step()
     return optimizer
 
@@ -79,7 +90,7 @@ def main() -> None:
     named = bucket(args.rows, args.cols, args.count)
     params = [p for _, p in named]
     grads = [p.grad for p in params]
-    mini = stepped(named)
+    mini, mini_skip = stepped(named), stepped(named, "skip")
     tiny = stepped(bucket(16, 8, args.count))
     reference = [torch.nn.Parameter(p.detach().clone()) for p in params]
     for copy, grad in zip(reference, grads):
@@ -93,9 +104,11 @@ def main() -> None:
     candidates = {
         "AdamW fused": adamw.step,
         "AdamMini fused step": mini.step,
-        "compiled bucket call": compiled_call(mini),
-        "same call, tiny tensors": compiled_call(tiny),
-        "same call, tiny tensors, again": compiled_call(tiny),
+        "AdamMini fused step (skip)": mini_skip.step,
+        **compiled_calls(mini),
+        **compiled_calls(mini_skip),
+        "update call, tiny tensors": compiled_calls(tiny)["update call, reading g"],
+        "same call, tiny tensors, again": compiled_calls(tiny)["update call, reading g"],
         "row sums of squares only": lambda: reduce_only(grads),
         "update with a given denominator": lambda: update_only(
             params, grads, moments, denominators, *scalars),

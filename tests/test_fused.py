@@ -196,10 +196,10 @@ def test_rounds_hold_the_i_th_bucket_of_every_layout_and_a_failing_round_counts_
     assert sorted(last) == sorted(late_norms + ["norm.weight", "layers.2.mlp.up_proj.weight"]
                                     + late_mlp)
 
-    def fail(args):
+    def fail(args, sums):
         raise RuntimeError("kernel failed")
 
-    fused._compiled[rounds[2][1]] = fail
+    fused._compiled[(rounds[2][1], False)] = fail
     before = {name: (p.detach().clone(), int(opt.state[p]["step"])) for name, p in named.items()}
     with pytest.raises(RuntimeError, match="kernel failed"):
         opt.step()
@@ -210,7 +210,9 @@ def test_rounds_hold_the_i_th_bucket_of_every_layout_and_a_failing_round_counts_
 
 
 def test_fused_matches_eager_for_bf16_matrices_fp32_norms_and_fp32_state():
-    """Mixed dtypes share a round (the matrices in bf16, the norms in fp32, state in fp32)."""
+    """Mixed dtypes share a round (the matrices in bf16, the norms in fp32, state in fp32).
+    ``nonfinite="apply"``: one pass per round that reads ``g`` for its statistics itself (the
+    module's runs use the default check, with the statistics pass before the update)."""
     torch.manual_seed(2)
     eager_model = TinyLlama(layers=1)
     for name, p in eager_model.named_parameters():
@@ -218,7 +220,7 @@ def test_fused_matches_eager_for_bf16_matrices_fp32_norms_and_fp32_state():
             p.data = p.data.to(torch.bfloat16)
     fused_model = copy.deepcopy(eager_model)
     opts = [amx.AdamMini(m.named_parameters(), lr=1e-2, weight_decay=0.1, fused=fused,
-                         state_dtype=torch.float32, **HEADS)
+                         state_dtype=torch.float32, nonfinite="apply", **HEADS)
             for m, fused in ((eager_model, False), (fused_model, True))]
     grads_seq = gradient_sequence(initial_params(eager_model), 3, seed=3)
     for grads in grads_seq:
@@ -240,3 +242,40 @@ def test_fused_matches_eager_for_bf16_matrices_fp32_norms_and_fp32_state():
     start = TinyLlama(layers=1)
     assert any(not torch.equal(p.float(), q.float())
                for p, q in zip(start.parameters(), fused_model.parameters()))
+
+
+def test_fused_skips_a_nonfinite_step_from_its_statistics_and_applies_overflowing_finite_ones():
+    """The fused check reads the statistics pass: a NaN on the first step is skipped like the
+    eager step does (warning, parameters and moments untouched), and finite gradients whose
+    squares overflow fp32 (|g| = 1e30) are applied, as eagerly, not skipped."""
+    torch.manual_seed(4)
+    eager_model = TinyLlama(layers=1)
+    fused_model = copy.deepcopy(eager_model)
+    start = copy.deepcopy(eager_model)
+    opts = [amx.AdamMini(m.named_parameters(), lr=1e-2, weight_decay=0.1, fused=fused, **HEADS)
+            for m, fused in ((eager_model, False), (fused_model, True))]
+    grads_seq = gradient_sequence(initial_params(eager_model), 3, seed=5)
+    grads_seq[0]["layers.0.mlp.up_proj.weight"][3, 1] = float("nan")
+    grads_seq[2]["layers.0.mlp.down_proj.weight"][2, 0] = 1e30
+    for t, grads in enumerate(grads_seq):
+        for model, opt in zip((eager_model, fused_model), opts):
+            for name, p in model.named_parameters():
+                p.grad = grads[name].clone()
+            if t == 0:
+                with pytest.warns(RuntimeWarning, match=r"non-finite gradient in "
+                                                        r"\['layers.0.mlp.up_proj.weight'\]"):
+                    opt.step()
+                assert all(torch.equal(p, q) for p, q in zip(model.parameters(),
+                                                             start.parameters()))
+            else:
+                opt.step()
+    for opt in opts:
+        assert opt.param_groups[0]["nonfinite_skipped"] == 1
+    for (name, p), q in zip(eager_model.named_parameters(), fused_model.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-7)
+        assert int(opts[1].state[q]["step"]) == int(opts[0].state[p]["step"]) == 2, name
+        for key in ("m", "v"):
+            torch.testing.assert_close(opts[1].state[q][key], opts[0].state[p][key],
+                                       rtol=1e-5, atol=1e-7)
+    overflowed = opts[1].state[fused_model.layers[0].mlp.down_proj.weight]["v"]
+    assert torch.isinf(overflowed[2]) and torch.isfinite(overflowed[3:]).all()
