@@ -156,12 +156,17 @@ def step_memory(make_optimizer, layers=16, width=64):
 
 def test_a_step_allocates_temporaries_of_one_parameter_not_of_the_model():
     """Peak memory above what a step keeps (the state) stays a few parameters' size; computing all
-    updates at once (torch's foreach AdamW) needs the whole model's size."""
-    param_bytes, model_bytes = 64 * 64 * 4, 16 * 64 * 64 * 4
-    transient, kept = step_memory(lambda m: amx.AdamMini(m.named_parameters(), weight_decay=0.1))
+    updates at once (torch's foreach AdamW) needs the whole model's size. The parameters are
+    larger than an eager chunk (``CHUNK_ELEMENTS``), so each is a chunk of its own."""
+    width = 1024
+    assert width * width > amx.optim.CHUNK_ELEMENTS
+    param_bytes, model_bytes = width * width * 4, 16 * width * width * 4
+    transient, kept = step_memory(lambda m: amx.AdamMini(m.named_parameters(), weight_decay=0.1),
+                                  width=width)
     assert kept >= model_bytes  # the first moment (and v) really were created in the window
     assert transient <= 6 * param_bytes, transient / param_bytes  # the model has 16 parameters
-    foreach, _ = step_memory(lambda m: torch.optim.AdamW(m.parameters(), foreach=True))
+    foreach, _ = step_memory(lambda m: torch.optim.AdamW(m.parameters(), foreach=True),
+                             width=width)
     assert foreach >= model_bytes  # the measurement sees whole-model temporaries when they exist
 
 
