@@ -377,10 +377,11 @@ def _chunks(members: list[tuple[str, torch.Tensor, dict]]) -> list[list[tuple[st
     """The eager step's units: parameters with one step count, packed in order into chunks of at
     most ``CHUNK_ELEMENTS`` elements (a larger parameter is a chunk of its own). One chain call per
     chunk keeps the Python work per step small, and a step's temporaries stay a few times one
-    parameter, never the model. Small chunks keep the temporaries of small parameters small too:
-    glibc then serves them from its heap instead of mapping (and faulting in) fresh pages, as it
-    does for every block above its 32 MiB mapping threshold (chunks as large as the largest
-    parameter made the eager step 20-25% slower at 36M and 125M)."""
+    parameter, never the model. Small chunks keep the temporaries of small parameters small too,
+    so that glibc can serve them from its heap rather than map (and fault in) fresh pages, as it
+    does for every block above its 32 MiB mapping threshold: 8-12% faster at 25M-125M in
+    interleaved runs (``benchmarks/ab_step.py --mode eager``), though a lone process's eager step
+    varies by +-40% with its heap's layout either way."""
     limit = CHUNK_ELEMENTS
     chunks: list[list] = []
     open_chunks: dict[int, tuple[list, int]] = {}  # step count -> (chunk being filled, its size)
