@@ -3,8 +3,8 @@ a block layout, writing parameters and state in place.
 
 Parameters of one param group are bucketed by everything the compiled code depends on (block
 layout, decay label, dtypes, device, step count) and cut into lists of at most ``bucket_size``
-tensors, which run in rounds (see ``FusedStep._rounds``). A step has two passes, each one
-compiled call per round shape (``torch.compile(fullgraph=True, dynamic=False)``):
+tensors, which run in rounds (see ``FusedStep._rounds``). With a non-finite check, a step has two
+passes, each one compiled call per round shape (``torch.compile(fullgraph=True, dynamic=False)``):
 
 1. :meth:`FusedStep.prepare` reads ``g`` once for every parameter's row sums of squares
    (:meth:`BlockLayout.row_sums_of_squares`, into small persistent buffers) and returns whether
@@ -12,6 +12,9 @@ compiled call per round shape (``torch.compile(fullgraph=True, dynamic=False)``)
 2. :meth:`FusedStep.apply` runs the chain, whose blockwise statistic takes those row sums
    (``_GivenRowSums``) instead of reading ``g`` again, in kernels that read ``p, g, m`` and write
    ``p, m`` in one pass, with ``v`` (one value per block) small; nothing full-size is allocated.
+
+Without a check (``nonfinite="apply"``), :meth:`FusedStep.apply` alone reads ``g`` for the
+statistics too, in the same kernel as the update.
 
 ``lr`` and ``weight_decay`` reach the kernel as 0-d tensors refreshed from the param group before
 every step, so schedulers never trigger a recompile.
