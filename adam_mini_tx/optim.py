@@ -65,7 +65,9 @@ class AdamMini(torch.optim.Optimizer):
     ``fused``: run the same chain compiled with ``torch.compile`` over buckets of parameters that
     share a block layout, writing parameters and state in place (no full-size temporaries). The
     first step compiles every bucket shape (``optimizer.compile_seconds`` reports the time);
-    DTensor (FSDP2) parameters keep the eager path. Equal to the eager step to ~1e-7.
+    DTensor (FSDP2) parameters keep the eager path. Equal to the eager step to ~1e-7. With a
+    non-finite check (``"skip"``, ``"raise"``) a statistics pass runs first, and the check reads
+    its per-row sums instead of every gradient (the first step creates the state before it).
     """
 
     def __init__(self, params: Iterable[Any], lr: float | torch.Tensor = 1e-3,
