@@ -137,7 +137,8 @@ class FusedStep:
         self._compiled: dict[tuple, Callable] = {}
         self._compiled_statistics: dict[tuple, Callable] = {}
         self._row_sums: dict[str, torch.Tensor] = {}  # name -> its row sums of squares
-        self._prepared: tuple[list, bool] | None = None  # (rounds, statistics given)
+        # the last prepare's rounds, and per round its buckets' row sums (None: not computed)
+        self._prepared: tuple[list, list | None] | None = None
         self.compile_seconds = 0.0
 
     def prepare(self, members: Sequence[tuple[str, torch.Tensor, dict[str, torch.Tensor]]],
@@ -149,14 +150,16 @@ class FusedStep:
         update, while part of ``g`` is still in the cache, costs ~0.1x AdamW's step less than a
         separate pass, and one compiled call less per round."""
         rounds = self._rounds(members)
-        self._prepared = (rounds, statistics)
         flags: list[torch.Tensor] = []
         if not statistics:
+            self._prepared = (rounds, None)
             return flags
+        round_sums = []
         for _, signature, buckets in rounds:
             grads = [[param.grad for _, param, _ in bucket] for bucket in buckets]
             sums = [[self._row_sums_of(name, param, state) for name, param, state in bucket]
                     for bucket in buckets]
+            round_sums.append(sums)
             compiled = self._compiled_statistics.get(signature)
             if compiled is None:
                 layouts = [[self._layouts[name] for name, _, _ in bucket] for bucket in buckets]
@@ -166,6 +169,7 @@ class FusedStep:
                 flags.append(self._timed(compiled, grads, sums))
             else:
                 flags.append(compiled(grads, sums))
+        self._prepared = (rounds, round_sums)
         return flags
 
     def apply(self, group: Mapping[str, Any]) -> None:
@@ -173,21 +177,21 @@ class FusedStep:
         if self._prepared is None:
             raise RuntimeError("FusedStep.apply needs the statistics of this step: call prepare "
                                "first")
-        (rounds, given), self._prepared = self._prepared, None
+        (rounds, round_sums), self._prepared = self._prepared, None
+        given = round_sums is not None
         # lr and weight decay are filled, and the step counts bumped, once per step rather than
         # per round: each small op costs 20-50 us once a kernel has flushed the caches
         filled: set[torch.device] = set()
         stepped: list[torch.Tensor] = []
         try:
-            for device, signature, buckets in rounds:
+            for index, (device, signature, buckets) in enumerate(rounds):
                 lr, weight_decay = self._scalars_on(device)
                 if device not in filled:
                     lr.fill_(group["lr"])
                     weight_decay.fill_(group["weight_decay"])
                     filled.add(device)
                 args = [_bucket_args(bucket) for bucket in buckets]
-                sums = [[self._row_sums[name] for name, _, _ in bucket] if given else []
-                        for bucket in buckets]
+                sums = round_sums[index] if given else [[] for _ in buckets]
                 compiled = self._compiled.get((signature, given))
                 if compiled is None:
                     compiled = self._compile(signature, given, lr, weight_decay)

@@ -108,21 +108,25 @@ class AdamMini(torch.optim.Optimizer):
                 loss = closure()
         grads = self._checked_gradients()
         steps = [self._chain(index, group) for index, group in enumerate(self.param_groups)]
+        # the fused step's statistics pass needs the state (its dtype) before the check; the
+        # eager step creates it only for a step that goes on
+        members = [self._members(tx, group) if self.fused else None
+                   for (tx, _), group in zip(steps, self.param_groups)]
         finite, fused_names = [], set()
-        if self.fused:  # the statistics pass: the fused members' check costs no read of its own
-            for (tx, fused_step), group in zip(steps, self.param_groups):
-                members = [m for m in self._members(tx, group)
-                           if not is_dtensor(m[1])]
-                finite.extend(fused_step.prepare(members, statistics=self.nonfinite != "apply"))
-                fused_names.update(name for name, _, _ in members)
+        for (_, fused_step), group_members in zip(steps, members):
+            if fused_step is not None:  # the fused members' check costs no read of its own
+                local = [m for m in group_members if not is_dtensor(m[1])]
+                finite.extend(fused_step.prepare(local, statistics=self.nonfinite != "apply"))
+                fused_names.update(name for name, _, _ in local)
         if self.nonfinite != "apply" and not self._finite_or_skip(grads, finite, fused_names):
             return loss
-        for (tx, fused_step), group in zip(steps, self.param_groups):
-            members = self._members(tx, group)
+        for (tx, fused_step), group, group_members in zip(steps, self.param_groups, members):
+            if group_members is None:
+                group_members = self._members(tx, group)
             if fused_step is not None:
                 fused_step.apply(group)
-                members = [m for m in members if is_dtensor(m[1])]
-            for chunk in _chunks(members):
+                group_members = [m for m in group_members if is_dtensor(m[1])]
+            for chunk in _chunks(group_members):
                 updates, slots = chain_step(tx, {name: param for name, param, _ in chunk},
                                             {name: param.grad for name, param, _ in chunk},
                                             {name: state for name, _, state in chunk})
@@ -384,13 +388,12 @@ def _chunks(members: list[tuple[str, torch.Tensor, dict]]) -> list[list[tuple[st
     does for every block above its 32 MiB mapping threshold: 8-12% faster at 25M-125M in
     interleaved runs (``benchmarks/ab_step.py --mode eager``), though a lone process's eager step
     varies by +-40% with its heap's layout either way."""
-    limit = CHUNK_ELEMENTS
     chunks: list[list] = []
     open_chunks: dict[int, tuple[list, int]] = {}  # step count -> (chunk being filled, its size)
     for member in members:
         step, size = int(member[2]["step"]), member[1].numel()
         chunk, filled = open_chunks.get(step, (None, 0))
-        if chunk is None or filled + size > limit:
+        if chunk is None or filled + size > CHUNK_ELEMENTS:
             chunk, filled = [], 0
             chunks.append(chunk)
         chunk.append(member)

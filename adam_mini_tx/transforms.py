@@ -135,7 +135,7 @@ def momentum(b1: float | torch.Tensor = 0.9, *, nesterov: bool = False,
 
 
 def _as_weight(weight: float | torch.Tensor, like: torch.Tensor) -> float | torch.Tensor:
-    return weight.to(like.dtype) if isinstance(weight, torch.Tensor) else weight
+    return to_dtype(weight, like.dtype) if isinstance(weight, torch.Tensor) else weight
 
 
 class _Layouts:
