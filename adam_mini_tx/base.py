@@ -19,6 +19,8 @@ from typing import Any, Callable, Mapping, NamedTuple, Protocol, Union
 
 import torch
 
+from .donation import forget, in_place_safe, run_update
+
 Params = dict[str, torch.Tensor]
 Updates = dict[str, torch.Tensor]
 State = Any
@@ -52,6 +54,7 @@ def identity() -> GradientTransformation:
     def init(params: Params) -> EmptyState:
         return EmptyState()
 
+    @in_place_safe
     def update(updates, state, params=None, grads=None):
         return updates, state
 
@@ -63,20 +66,24 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     chain's own input as ``grads``: ``u_k = T_k(u_{k-1}; grads=u_0)``.
 
     A nested chain hands on *its* input, so ``chain(clip_by_global_norm(1.0), adam_mini())``
-    gives Adam-mini the clipped gradient for both moments."""
+    gives Adam-mini the clipped gradient for both moments. Inside
+    :func:`~adam_mini_tx.donation.donating` the input is never written (every member may read it
+    as ``grads``), and members not marked ``in_place_safe`` run as pure functions."""
 
     def init(params: Params) -> tuple:
         return tuple(t.init(params) for t in transforms)
 
+    @in_place_safe
     def update(updates, state, params=None, grads=None):
         if len(state) != len(transforms):
             raise ValueError(f"chain state has {len(state)} entries but the chain has "
                              f"{len(transforms)} transforms: was it made by this chain's init?")
         check_gradients(updates)
+        forget(updates.values())
         grads = updates
         new_states = []
         for transform, inner in zip(transforms, state):
-            updates, inner = transform.update(updates, inner, params, grads)
+            updates, inner = run_update(transform, updates, inner, params, grads)
             new_states.append(inner)
         return updates, tuple(new_states)
 

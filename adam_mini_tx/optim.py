@@ -1,11 +1,10 @@
 """``AdamMini``: the functional Adam-mini chain behind the ``torch.optim.Optimizer`` interface.
 
 Each step runs :func:`adam_mini_tx.adam_mini` (the one definition of the math) through
-:func:`~adam_mini_tx.fused.chain_step`: eagerly over chunks of at most ``CHUNK_ELEMENTS`` elements
-or one larger parameter (temporaries stay a few times one chunk; ``p.add_(update)``, the state
-tensors are rebound), or with
-``fused=True`` compiled over buckets of parameters that share a layout, writing parameters and state
-in place (:mod:`adam_mini_tx.fused`).
+:func:`~adam_mini_tx.fused.chain_step`: eagerly over chunks of parameters and row pieces with
+donated buffers (:mod:`adam_mini_tx.eager`: ``m`` and ``v`` written in place, one small
+temporary per piece, then ``p.add_(update)``), or with ``fused=True`` compiled over buckets of
+parameters that share a layout, writing parameters and state in place (:mod:`adam_mini_tx.fused`).
 
 Per-parameter state (``optimizer.state[p]`` and ``state_dict()["state"][i]``), stable keys:
 
@@ -20,7 +19,7 @@ shape against this optimizer before anything is changed.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, NamedTuple
 
 import torch
 from torch import nn
@@ -29,6 +28,8 @@ from .alias import DECAY_MASKS, adam_mini, adam_mini_slots
 from .base import (GradientTransformation, check_betas, check_gradients, check_number,
                    to_dtype)
 from .blocks import is_dtensor
+from .donation import Workspace, donating
+from .eager import chunks, row_pieces
 from .fused import FusedStep, chain_step
 from .guards import all_finite, check_policy, nonfinite_names
 from .plan import BlockPlan, plan_blocks
@@ -93,7 +94,7 @@ class AdamMini(torch.optim.Optimizer):
                         decay_mask=decay_mask, eps_root=eps_root, nonfinite_skipped=0)
         self.state_dtype = state_dtype
         self._plan_kwargs = dict(dim=dim, n_heads=n_heads, n_kv_heads=n_kv_heads)
-        self._chains: list[tuple[dict, tuple, GradientTransformation, FusedStep | None]] = []
+        self._chains: list[_GroupChain] = []
         self._layouts: tuple[BlockPlan | None, dict] = (None, {})
         super().__init__(groups, defaults)
         self.plan = _resolve_plan(plan, self._named_params(), **self._plan_kwargs)
@@ -107,38 +108,33 @@ class AdamMini(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         grads = self._checked_gradients()
-        steps = [self._chain(index, group) for index, group in enumerate(self.param_groups)]
+        chains = [self._chain(index, group) for index, group in enumerate(self.param_groups)]
         # the fused step's statistics pass needs the state (its dtype) before the check; the
         # eager step creates it only for a step that goes on
-        members = [self._members(tx, group) if self.fused else None
-                   for (tx, _), group in zip(steps, self.param_groups)]
+        members = [self._members(chain.tx, group) if self.fused else None
+                   for chain, group in zip(chains, self.param_groups)]
         finite, fused_names = [], set()
-        for (_, fused_step), group_members in zip(steps, members):
-            if fused_step is not None:  # the fused members' check costs no read of its own
+        for chain, group_members in zip(chains, members):
+            if chain.fused is not None:  # the fused members' check costs no read of its own
                 local = [m for m in group_members if not is_dtensor(m[1])]
-                finite.extend(fused_step.prepare(local, statistics=self.nonfinite != "apply"))
+                finite.extend(chain.fused.prepare(local, statistics=self.nonfinite != "apply"))
                 fused_names.update(name for name, _, _ in local)
         if self.nonfinite != "apply" and not self._finite_or_skip(grads, finite, fused_names):
             return loss
-        for (tx, fused_step), group, group_members in zip(steps, self.param_groups, members):
+        for chain, group, group_members in zip(chains, self.param_groups, members):
             if group_members is None:
-                group_members = self._members(tx, group)
-            if fused_step is not None:
-                fused_step.apply(group)
+                group_members = self._members(chain.tx, group)
+            if chain.fused is not None:
+                chain.fused.apply(group)
                 group_members = [m for m in group_members if is_dtensor(m[1])]
-            for chunk in _chunks(group_members):
-                updates, slots = chain_step(tx, {name: param for name, param, _ in chunk},
-                                            {name: param.grad for name, param, _ in chunk},
-                                            {name: state for name, _, state in chunk})
-                for name, param, state in chunk:
-                    param.add_(to_dtype(updates[name], param.dtype))
-                    state.update(slots[name])
+            _eager_step(chain, group_members)
         return loss
 
     @property
     def compile_seconds(self) -> float:
         """Seconds the fused step has spent compiling so far (0.0 when ``fused=False``)."""
-        return sum(entry[3].compile_seconds for entry in self._chains if entry[3] is not None)
+        return sum(chain.fused.compile_seconds for chain in self._chains
+                   if chain.fused is not None)
 
     def _checked_gradients(self) -> dict[str, torch.Tensor]:
         """Every gradient of this step, validated before any parameter or state changes."""
@@ -181,8 +177,7 @@ class AdamMini(torch.optim.Optimizer):
                       RuntimeWarning, stacklevel=3)
         return False
 
-    def _chain(self, index: int, group: dict[str, Any]) -> tuple[GradientTransformation,
-                                                                 FusedStep | None]:
+    def _chain(self, index: int, group: dict[str, Any]) -> _GroupChain:
         """The group's :func:`adam_mini` chain (and its fused step when ``fused=True``), built once
         and rebuilt only when ``betas``, ``eps``, ``eps_root`` or ``decay_mask`` change (OneCycleLR
         cycles beta1) or the group was replaced (``load_state_dict``). ``lr`` and
@@ -190,24 +185,25 @@ class AdamMini(torch.optim.Optimizer):
         ``group["lr"]`` need no rebuild (and no recompile)."""
         key = (tuple(group["betas"]), group["eps"], group["eps_root"], group["decay_mask"])
         while len(self._chains) <= index:
-            self._chains.append(({}, (), None, None))
-        cached_group, cached_key, tx, fused_step = self._chains[index]
-        if cached_group is not group or cached_key != key:
+            self._chains.append(_GroupChain({}, (), None, None, {}, Workspace()))
+        cached = self._chains[index]
+        if cached.group is not group or cached.key != key:
             def make(lr, weight_decay, plan, decay_mask):
                 return adam_mini(lr, group["betas"], group["eps"], weight_decay, plan=plan,
                                  eps_root=group["eps_root"], state_dtype=self.state_dtype,
                                  decay_mask=decay_mask)
 
-            tx = make(lambda count: group["lr"], lambda count: group["weight_decay"],
-                      self._layout_map(), group["decay_mask"])
+            layouts = self._layout_map()
+            tx = make(lambda count: group["lr"], lambda count: group["weight_decay"], layouts,
+                      group["decay_mask"])
             fused_step = None
             if self.fused:
                 mask = DECAY_MASKS[group["decay_mask"]]
                 fused_step = FusedStep(
                     lambda lr, wd, plan, label: make(lr, wd, plan, lambda name, t: label),
-                    self._layout_map(), mask)
-            self._chains[index] = (group, key, tx, fused_step)
-        return tx, fused_step
+                    layouts, mask)
+            self._chains[index] = _GroupChain(group, key, tx, fused_step, layouts, Workspace())
+        return self._chains[index]
 
     def _layout_map(self) -> dict:
         """``name -> BlockLayout`` of the current plan (recomputed only when the plan changes)."""
@@ -375,30 +371,31 @@ class AdamMini(torch.optim.Optimizer):
         self._layouts = (None, {})
 
 
-CHUNK_ELEMENTS = 2**19
-"""Elements per chain call of the eager step (2 MiB of fp32), unless one parameter is larger."""
+class _GroupChain(NamedTuple):
+    """A param group's chain, built by ``AdamMini._chain`` for the group's hyperparameters."""
+
+    group: dict[str, Any]  # the param group it was built for
+    key: tuple  # the hyperparameters it was built with
+    tx: GradientTransformation  # the group's adam_mini chain
+    fused: FusedStep | None  # its fused step (fused=True)
+    layouts: dict  # name -> BlockLayout that tx reads (the eager step adds its row pieces)
+    workspace: Workspace  # the eager step's temporaries (one chunk's worth, reused)
 
 
-def _chunks(members: list[tuple[str, torch.Tensor, dict]]) -> list[list[tuple[str, torch.Tensor, dict]]]:
-    """The eager step's units: parameters with one step count, packed in order into chunks of at
-    most ``CHUNK_ELEMENTS`` elements (a larger parameter is a chunk of its own). One chain call per
-    chunk keeps the Python work per step small, and a step's temporaries stay a few times one
-    parameter, never the model. Small chunks keep the temporaries of small parameters small too,
-    so that glibc can serve them from its heap rather than map (and fault in) fresh pages, as it
-    does for every block above its 32 MiB mapping threshold: 8-12% faster at 25M-125M in
-    interleaved runs (``benchmarks/ab_step.py --mode eager``), though a lone process's eager step
-    varies by +-40% with its heap's layout either way."""
-    chunks: list[list] = []
-    open_chunks: dict[int, tuple[list, int]] = {}  # step count -> (chunk being filled, its size)
-    for member in members:
-        step, size = int(member[2]["step"]), member[1].numel()
-        chunk, filled = open_chunks.get(step, (None, 0))
-        if chunk is None or filled + size > CHUNK_ELEMENTS:
-            chunk, filled = [], 0
-            chunks.append(chunk)
-        chunk.append(member)
-        open_chunks[step] = (chunk, filled + size)
-    return chunks
+def _eager_step(chain: _GroupChain,
+                members: list[tuple[str, torch.Tensor, dict[str, torch.Tensor]]]) -> None:
+    """The group's chain over chunks of its members (see :mod:`adam_mini_tx.eager`), with
+    donated buffers: ``m`` and ``v`` are written in place (also through row pieces' views)."""
+    pieces = [piece for name, param, state in members
+              for piece in row_pieces(name, param, state, chain.layouts)]
+    for chunk in chunks(pieces):
+        with donating(chain.workspace):
+            updates, slots = chain_step(chain.tx, {m.name: m.param for m in chunk},
+                                        {m.name: m.grad for m in chunk},
+                                        {m.name: m.state for m in chunk})
+        for member in chunk:
+            member.param.add_(to_dtype(updates[member.name], member.param.dtype))
+            member.owner["step"] = slots[member.name]["step"]
 
 
 def _layout_of(entry: Any) -> Any:

@@ -14,6 +14,7 @@ import torch
 from .base import (EmptyState, GradientTransformation, Params, ScalarOrSchedule, Updates,
                    check_number, check_same_keys, check_same_structure, resolve, to_dtype)
 from .blocks import BlockLayout
+from .donation import donated, empty_temporary, fresh, in_place_or_new, in_place_safe, run_update
 from .plan import BlockPlan, plan_blocks
 
 PlanLike = Union[BlockPlan, Mapping[str, BlockLayout],
@@ -114,24 +115,33 @@ def momentum(b1: float | torch.Tensor = 0.9, *, nesterov: bool = False,
         return MomentumState(_zero_count(), {n: _state_like(p, dtype=state_dtype)
                                              for n, p in params.items()})
 
+    @in_place_safe
     def update(updates, state, params=None, grads=None):
         check_same_structure(state.mu, updates, "updates", "momentum state")
         count = state.count + 1
-        mu = {name: m.lerp(to_dtype(updates[name], m.dtype), _as_weight(1 - b1, m))
+        lerp = torch.Tensor.lerp_ if donated() else torch.Tensor.lerp  # donated: m in place
+        mu = {name: lerp(m, to_dtype(updates[name], m.dtype), _as_weight(1 - b1, m))
               for name, m in state.mu.items()}
         if not bias_correction:
             return dict(mu), MomentumState(count, mu)
         correction = _PerDtype(_bias_correction(b1, count))
         if not nesterov:
-            return ({name: m / correction(m.dtype) for name, m in mu.items()},
+            return ({name: _divided(m, correction(m.dtype)) for name, m in mu.items()},
                     MomentumState(count, mu))
         ahead = _PerDtype(_bias_correction(b1, count + 1))
-        out = {name: _as_weight(b1, m) * m / ahead(m.dtype)
-               + _as_weight(1 - b1, m) * to_dtype(updates[name], m.dtype) / correction(m.dtype)
+        out = {name: fresh(_as_weight(b1, m) * m / ahead(m.dtype)
+                           + _as_weight(1 - b1, m) * to_dtype(updates[name], m.dtype)
+                           / correction(m.dtype))
                for name, m in mu.items()}
         return out, MomentumState(count, mu)
 
     return GradientTransformation(init, update)
+
+
+def _divided(m: torch.Tensor, correction: torch.Tensor) -> torch.Tensor:
+    """``m / correction``, a new tensor (in a donated call: a temporary from the workspace)."""
+    out = empty_temporary(m)
+    return fresh(m / correction) if out is None else torch.div(m, correction, out=out)
 
 
 def _as_weight(weight: float | torch.Tensor, like: torch.Tensor) -> float | torch.Tensor:
@@ -198,29 +208,37 @@ def blockwise_mean_square(b2: float | torch.Tensor = 0.999, plan: PlanLike = Non
         return SecondMomentState(_zero_count(), {
             name: _state_like(p, layouts[name].v_shape, state_dtype) for name, p in params.items()})
 
+    @in_place_safe
     def update(updates, state, params=None, grads=None):
         grads = updates if grads is None else grads
         check_same_keys(state.nu, updates, "updates", "second-moment state")
         check_same_structure(updates, grads, "grads", "updates")
         layouts = layouts_of(grads)
+        for name, v in state.nu.items():  # before any state is written (donated: in place)
+            if tuple(v.shape) != tuple(layouts[name].v_shape):
+                raise ValueError(f"parameter {name!r}: the second-moment state has shape "
+                                 f"{tuple(v.shape)} but its block layout needs "
+                                 f"{layouts[name].v_shape}; the state was made with another "
+                                 f"block plan: init it with this transform")
         count = state.count + 1
         correction = _bias_correction(b2, count)
         corrections = _PerDtype(correction), _PerDtype(correction.sqrt())
+        in_place = donated()  # the state is donated: v is written in place
         nu, out = {}, {}
         for name, v in state.nu.items():
             layout = layouts[name]
-            if tuple(v.shape) != tuple(layout.v_shape):
-                raise ValueError(f"parameter {name!r}: the second-moment state has shape "
-                                 f"{tuple(v.shape)} but its block layout needs {layout.v_shape}; "
-                                 f"the state was made with another block plan: init it with this "
-                                 f"transform")
             g = to_dtype(grads[name], v.dtype)
-            v = v * _as_weight(b2, v) + layout.mean_square(g) * _as_weight(1 - b2, v)
+            new_square = layout.mean_square(g) * _as_weight(1 - b2, v)
+            v = (v.mul_(_as_weight(b2, v)).add_(new_square) if in_place
+                 else v * _as_weight(b2, v) + new_square)
             nu[name] = v
             denominator = _root_of_corrected(v, *corrections, eps_root) + _as_weight(eps, v)
             if denominator.numel() < g.numel():  # one value per block, broadcast over the block
                 denominator = _computed_once(denominator)
-            out[name] = to_dtype(updates[name], v.dtype) / layout.expand(denominator)
+            update = to_dtype(updates[name], v.dtype)
+            if update is not updates[name]:  # a cast made here is a temporary too
+                fresh(update)
+            out[name] = in_place_or_new(update, "div", layout.expand(denominator))
         return out, SecondMomentState(count, nu)
 
     return GradientTransformation(init, update)
@@ -245,6 +263,7 @@ def decoupled_decay(weight_decay: ScalarOrSchedule = 1e-2) -> GradientTransforma
     def init(params: Params) -> CountState:
         return CountState(_zero_count())
 
+    @in_place_safe
     def update(updates, state, params=None, grads=None):
         if params is None:
             raise ValueError("decoupled_decay needs params: call update(grads, state, params)")
@@ -252,12 +271,13 @@ def decoupled_decay(weight_decay: ScalarOrSchedule = 1e-2) -> GradientTransforma
         count = state.count + 1
         wd = resolve(weight_decay, count)
         if isinstance(wd, torch.Tensor):
-            out = {name: u + _as_weight(wd, u) * to_dtype(params[name], u.dtype)
+            out = {name: in_place_or_new(u, "add",
+                                         _as_weight(wd, u) * to_dtype(params[name], u.dtype))
                    for name, u in updates.items()}
         elif wd == 0:
             out = dict(updates)
         else:  # a Python number: one fused pass, u + wd * p
-            out = {name: u.add(to_dtype(params[name], u.dtype), alpha=wd)
+            out = {name: in_place_or_new(u, "add", to_dtype(params[name], u.dtype), alpha=wd)
                    for name, u in updates.items()}
         return out, CountState(count)
 
@@ -272,10 +292,12 @@ def scale_by_lr(lr: ScalarOrSchedule = 1e-3) -> GradientTransformation:
     def init(params: Params) -> CountState:
         return CountState(_zero_count())
 
+    @in_place_safe
     def update(updates, state, params=None, grads=None):
         count = state.count + 1
         rate = resolve(lr, count)
-        return {name: u * _as_weight(-rate, u) for name, u in updates.items()}, CountState(count)
+        return ({name: in_place_or_new(u, "mul", _as_weight(-rate, u))
+                 for name, u in updates.items()}, CountState(count))
 
     return GradientTransformation(init, update)
 
@@ -290,6 +312,7 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
     def init(params: Params) -> EmptyState:
         return EmptyState()
 
+    @in_place_safe
     def update(updates, state, params=None, grads=None):
         if not updates:
             return updates, state
@@ -297,7 +320,8 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
         norm = torch.sqrt(sum(torch.linalg.vector_norm(u, dtype=torch.float64).square()
                               for u in updates.values()))
         scale = torch.clamp(max_norm / (norm + 1e-12), max=1.0)
-        return {name: u * scale.to(u.dtype) for name, u in updates.items()}, state
+        return {name: in_place_or_new(u, "mul", scale.to(u.dtype))
+                for name, u in updates.items()}, state
 
     return GradientTransformation(init, update)
 
@@ -337,12 +361,13 @@ def partition(transforms: Mapping[str, GradientTransformation],
         return PartitionState({label: transforms[label].init(select(params, names))
                                for label, names in groups(params).items()})
 
+    @in_place_safe
     def update(updates, state, params=None, grads=None):
         out, inner = {}, {}
         for label, names in groups(params if params is not None else updates).items():
-            new, inner[label] = transforms[label].update(
-                select(updates, names), state.inner[label], select(params, names),
-                select(grads, names))
+            new, inner[label] = run_update(
+                transforms[label], select(updates, names), state.inner[label],
+                select(params, names), select(grads, names))
             out.update(new)
         return {name: out[name] for name in updates}, PartitionState(inner)
 

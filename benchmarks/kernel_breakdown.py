@@ -47,7 +47,7 @@ def compiled_calls(optimizer: AdamMini) -> dict[str, Callable[[], None]]:
     """The compiled calls of the optimizer's (single) round, bound to its tensors: with
     ``nonfinite="apply"`` the update reading ``g`` for its statistics, otherwise the statistics
     pass and the update taking them."""
-    fused = next(entry[3] for entry in optimizer._chains if entry[3] is not None)
+    fused = next(chain.fused for chain in optimizer._chains if chain.fused is not None)
     members = [(name, param, optimizer.state[param]) for group in optimizer.param_groups
                for name, param in zip(group["param_names"], group["params"])]
     [(_, signature, buckets)] = fused._rounds(members)

@@ -180,7 +180,7 @@ def test_rounds_hold_the_i_th_bucket_of_every_layout_and_a_failing_round_counts_
         p.grad = torch.randn_like(p)
     opt = amx.AdamMini(model.named_parameters(), lr=1e-2, fused=True, nonfinite="apply", **HEADS)
     opt.step()
-    fused = next(entry[3] for entry in opt._chains if entry[3] is not None)
+    fused = next(chain.fused for chain in opt._chains if chain.fused is not None)
     names = {p: name for name, p in named.items()}
     rounds = fused._rounds([(names[p], p, opt.state[p]) for p in opt.param_groups[0]["params"]])
     # round (1, 0): every layout that fits one bucket; rounds (2, 0) and (2, 1): the first and

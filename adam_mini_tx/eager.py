@@ -1,0 +1,91 @@
+"""The units of the eager step: parameters packed into chunks, large ones cut into row pieces.
+
+The optimizer runs the :func:`adam_mini` chain once per chunk, with donated buffers
+(:func:`~adam_mini_tx.donation.donating`): ``m`` and ``v`` are written in place, and each
+parameter of the chunk gets one temporary, its update, which the later transforms overwrite. A
+chunk holds at most ``CHUNK_ELEMENTS`` elements, so that temporary stays small: it is served from
+glibc's heap rather than freshly mapped (and page-faulted) memory, and it is still in the cache
+when the next transform reads it. A parameter larger than a chunk whose blocks are whole rows
+(embeddings, output layers, MLP and value/output projections) is cut into pieces of rows, each a
+parameter of its own to the chain (a view of the parameter, of ``m`` and of ``v``, with the rows'
+block layout); any other parameter is a chunk of its own.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from .blocks import BlockLayout, is_dtensor
+
+CHUNK_ELEMENTS = 2**20
+"""Elements per chain call of the eager step (4 MiB of fp32)."""
+
+
+class Member(NamedTuple):
+    """One tensor of the eager step: its name (as the chain sees it), the parameter (or a view of
+    its rows), its gradient and its ``{"step", "m", "v"}`` state (of the rows). ``owner`` is the
+    whole parameter's state dict, where the new step count goes."""
+
+    name: str
+    param: torch.Tensor
+    grad: torch.Tensor
+    state: dict[str, torch.Tensor]
+    owner: dict[str, torch.Tensor]
+
+
+def row_pieces(name: str, param: torch.Tensor, state: dict[str, torch.Tensor],
+               layouts: dict[str, BlockLayout]) -> list[Member]:
+    """``param`` as members of at most ``CHUNK_ELEMENTS`` elements (rows of whole blocks) when it
+    is larger and its layout allows it; else one member. A piece's layout is registered in
+    ``layouts`` under the piece's name, ``"<name>[start:stop]"``."""
+    layout = layouts[name]
+    whole = [Member(name, param, param.grad, state, state)]
+    if param.numel() <= CHUNK_ELEMENTS or not _rows_are_blocks(layout) or is_dtensor(param):
+        return whole
+    rows = max(1, CHUNK_ELEMENTS // (param.numel() // param.shape[0]))
+    pieces = []
+    for start in range(0, param.shape[0], rows):
+        stop = min(start + rows, param.shape[0])
+        piece = f"{name}[{start}:{stop}]"
+        if piece not in layouts:
+            layouts[piece] = _rows_layout(layout, stop - start)
+        pieces.append(Member(piece, param[start:stop], param.grad[start:stop],
+                             {"step": state["step"], "m": state["m"][start:stop],
+                              "v": state["v"][start:stop]}, state))
+    return pieces
+
+
+def _rows_are_blocks(layout: BlockLayout) -> bool:
+    """The first axis indexes rows that are blocks of their own (so ``v`` is one value per row,
+    and a slice of rows is a tensor with the same kind of layout)."""
+    return (layout.perm == tuple(range(len(layout.shape))) and layout.row_dims >= 1
+            and layout.one_row_per_block)
+
+
+def _rows_layout(layout: BlockLayout, rows: int) -> BlockLayout:
+    """``layout`` for ``rows`` rows of its first axis."""
+    shape = (rows, *layout.shape[1:])
+    blocks = rows * math.prod(layout.row_shape[1:])
+    return BlockLayout(shape, layout.perm, layout.row_dims, ((1, blocks),), layout.pattern)
+
+
+def chunks(members: list[Member]) -> list[list[Member]]:
+    """The eager step's chain calls: members with one step count, packed in order into chunks of
+    at most ``CHUNK_ELEMENTS`` elements (a larger member is a chunk of its own). One call per
+    chunk keeps the Python work per step small."""
+    packed: list[list[Member]] = []
+    open_chunks: dict[int, tuple[list[Member], int]] = {}  # step -> (chunk being filled, size)
+    for member in members:
+        step, size = int(member.state["step"]), member.param.numel()
+        chunk, filled = open_chunks.get(step, (None, 0))
+        if chunk is None or filled + size > CHUNK_ELEMENTS:
+            chunk, filled = [], 0
+            packed.append(chunk)
+        chunk.append(member)
+        open_chunks[step] = (chunk, filled + size)
+    return packed
+
+
+__all__ = ["CHUNK_ELEMENTS", "Member", "row_pieces", "chunks"]

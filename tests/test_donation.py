@@ -1,0 +1,158 @@
+"""Buffer donation: a donated update writes state and its own temporaries in place, with values
+bit for bit those of the pure update, and never writes anything else (gradients, parameters,
+the state a pure transform reads after its inner update, what a user transform keeps). The
+eager optimizer step runs on it, over row pieces of large parameters."""
+import pytest
+import torch
+from torch import nn
+
+import adam_mini_tx as amx
+from adam_mini_tx import blocks
+from adam_mini_tx.donation import (Workspace, donated_update, donating, empty_temporary, fresh,
+                                   in_place_or_new)
+from test_oracles import TinyLlama, gradient_sequence, initial_params, run_functional
+from test_optim import HEADS, feed
+
+PARAMS = {"embed.weight": torch.randn(10, 4), "q_proj.weight": torch.randn(8, 4),
+          "c_attn.weight": torch.randn(4, 12), "norm.weight": torch.randn(4),
+          "bias": torch.randn(8)}
+PLAN = {"embed.weight": blocks.per_row((10, 4)), "q_proj.weight": blocks.per_head((8, 4), 2),
+        "c_attn.weight": blocks.per_row((4, 12), transposed=True),
+        "norm.weight": blocks.single_block((4,)), "bias": blocks.elementwise((8,))}
+
+
+def keeps_incoming_updates() -> amx.GradientTransformation:
+    """A user transform, not marked in_place_safe, that keeps its incoming updates in its state."""
+    return amx.GradientTransformation(
+        lambda params: {name: torch.zeros_like(p) for name, p in params.items()},
+        lambda updates, state, params=None, grads=None: (updates, dict(updates)))
+
+
+CHAINS = {
+    "adam_mini": lambda: amx.adam_mini(1e-2, weight_decay=0.1, plan=PLAN),
+    "adam_mini, tensor lr and decay": lambda: amx.adam_mini(
+        torch.tensor(1e-2), weight_decay=torch.tensor(0.1), plan=PLAN),
+    "adamw": lambda: amx.adamw(1e-2, weight_decay=0.1),
+    "laprop": lambda: amx.chain(amx.blockwise_mean_square(0.99, PLAN), amx.momentum(0.9),
+                                amx.scale_by_lr(1e-2)),
+    "nesterov": lambda: amx.chain(amx.momentum(0.9, nesterov=True),
+                                  amx.blockwise_mean_square(0.99, PLAN), amx.scale_by_lr(1e-2)),
+    "no bias correction": lambda: amx.chain(amx.momentum(0.9, bias_correction=False),
+                                            amx.blockwise_mean_square(0.99, PLAN),
+                                            amx.scale_by_lr(1e-2)),
+    "clipped": lambda: amx.chain(amx.clip_by_global_norm(0.5),
+                                 amx.adam_mini(1e-2, plan=PLAN)),
+    "user transform keeps updates": lambda: amx.chain(
+        amx.momentum(0.9), keeps_incoming_updates(), amx.blockwise_mean_square(0.99, PLAN),
+        amx.scale_by_lr(1e-2)),
+    "guarded": lambda: amx.nonfinite_guard(amx.adam_mini(1e-2, plan=PLAN), "skip"),
+    "state in float64": lambda: amx.adam_mini(1e-2, plan=PLAN, state_dtype=torch.float64),
+}
+
+
+def leaves(tree):
+    return torch.utils._pytree.tree_leaves(tree)
+
+
+@pytest.mark.parametrize("name", list(CHAINS))
+def test_a_donated_update_equals_the_pure_one_and_writes_only_its_state(name):
+    """Three steps, one with a NaN gradient for the guard: updates and state bit for bit equal;
+    the gradients and parameters are untouched; a user transform's kept updates are intact."""
+    tx = CHAINS[name]()
+    torch.manual_seed(0)
+    grads_seq = [{n: torch.randn_like(p) for n, p in PARAMS.items()} for _ in range(3)]
+    grads_seq[1]["bias"][0] = float("nan") if name == "guarded" else 1.0
+    pure_state = tx.init(PARAMS)
+    donated_state = tx.init(PARAMS)
+    for grads in grads_seq:
+        before = {n: g.clone() for n, g in grads.items()}, {n: p.clone() for n, p in PARAMS.items()}
+        pure_updates, pure_state = tx.update(grads, pure_state, PARAMS)
+        donated_updates, donated_state = donated_update(tx, grads, donated_state, PARAMS)
+        for n in PARAMS:
+            assert torch.equal(donated_updates[n], pure_updates[n]), (name, n)
+        for mine, theirs in zip(leaves(donated_state), leaves(pure_state)):
+            assert torch.equal(mine, theirs), name
+        for original, now in zip(before, (grads, PARAMS)):
+            for n in now:
+                torch.testing.assert_close(now[n], original[n], rtol=0, atol=0, equal_nan=True)
+
+
+def test_donation_writes_the_state_in_place_and_one_temporary_per_parameter():
+    tx = amx.adam_mini(1e-2, weight_decay=0.1, plan=PLAN)
+    state = tx.init(PARAMS)
+    first_moments = dict(state[0].mu)
+    grads = {n: torch.randn_like(p) for n, p in PARAMS.items()}
+    workspace = Workspace()
+    _, new_state = donated_update(tx, grads, state, PARAMS, workspace=workspace)
+    assert all(new_state[0].mu[n] is first_moments[n] for n in PARAMS)  # m written in place
+    assert new_state[1].nu["embed.weight"] is state[1].nu["embed.weight"]
+    # once the workspace has grown to one call's needs, later calls reuse the same memory
+    first, new_state = donated_update(tx, grads, new_state, PARAMS, workspace=workspace)
+    pointers = {u.data_ptr() for u in first.values()}
+    second, _ = donated_update(tx, grads, new_state, PARAMS, workspace=workspace)
+    assert {u.data_ptr() for u in second.values()} == pointers and len(pointers) == len(PARAMS)
+
+
+def test_workspace_hands_out_aligned_disjoint_tensors_and_grows():
+    cpu = torch.device("cpu")
+    workspace = Workspace()
+    a = workspace.empty((3, 5), torch.float32, cpu)
+    b = workspace.empty((7,), torch.float32, cpu)  # does not fit: a larger buffer
+    a.fill_(1.0), b.fill_(2.0)
+    assert bool((a == 1).all()) and bool((b == 2).all())  # handed-out tensors keep their memory
+    workspace.reset()  # now both fit in the one buffer, one after the other, 64-byte aligned
+    a2, b2 = workspace.empty((3, 5), torch.float32, cpu), workspace.empty((7,), torch.float32, cpu)
+    assert b2.data_ptr() - a2.data_ptr() == 64 and a2.data_ptr() == b.data_ptr()
+    assert workspace.empty((2,), torch.float64, cpu).dtype == torch.float64  # a buffer per dtype
+
+
+def test_in_place_only_for_registered_temporaries_of_matching_shape_and_dtype():
+    outside = torch.ones(3)
+    assert in_place_or_new(outside, "mul", 2.0) is not outside  # no donation: pure
+    with donating():
+        assert empty_temporary(outside) is not None
+        mine = fresh(torch.ones(3, 4))
+        assert in_place_or_new(mine, "mul", torch.full((3, 1), 2.0)) is mine  # broadcasts in
+        assert in_place_or_new(mine, "add", torch.ones(2, 3, 4)) is not mine  # would grow
+        assert in_place_or_new(mine, "mul", torch.ones(4, dtype=torch.float64)) is not mine
+        given = torch.ones(3)  # not registered: a gradient, a parameter, another's output
+        assert in_place_or_new(given, "mul", 2.0) is not given
+        assert bool((given == 1).all())
+
+
+def test_eager_step_over_row_pieces_equals_the_functional_core_bit_for_bit(monkeypatch):
+    """With tiny chunks every parameter whose blocks are rows is cut into pieces of 2 rows; the
+    optimizer still equals the pure chain, and counts each parameter's steps once."""
+    monkeypatch.setattr(amx.eager, "CHUNK_ELEMENTS", 64)
+    torch.manual_seed(0)
+    model = TinyLlama()
+    params = initial_params(model)
+    grads_seq = gradient_sequence(params, 5)
+    hyper = dict(lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    opt = amx.AdamMini(model.named_parameters(), **hyper, **HEADS)
+    embedding = model.embed_tokens.weight
+    embedding.grad = torch.zeros_like(embedding)
+    pieces = amx.eager.row_pieces("embed_tokens.weight", embedding,
+                                  {"step": torch.tensor(0), "m": torch.zeros(48, 32),
+                                   "v": torch.zeros(48)}, dict(opt._layout_map()))
+    assert len(pieces) == 24 and pieces[0].name == "embed_tokens.weight[0:2]"
+    ours = feed(model, opt, grads_seq)
+    ref = run_functional(amx.adam_mini(**hyper, **HEADS), params, grads_seq)
+    for k in params:
+        assert torch.equal(ours[k], ref[k]), k
+    assert {int(s["step"]) for s in opt.state.values()} == {5}
+
+
+def test_a_conv1d_or_per_head_parameter_is_not_cut(monkeypatch):
+    """Only layouts whose rows are blocks along the first axis are cut into pieces."""
+    monkeypatch.setattr(amx.eager, "CHUNK_ELEMENTS", 1024)
+    layouts = {"c_attn.weight": blocks.per_row((64, 96), transposed=True),
+               "q_proj.weight": blocks.per_head((96, 64), 4),
+               "up_proj.weight": blocks.per_row((96, 64))}
+    for name, layout in list(layouts.items()):
+        param = nn.Parameter(torch.randn(layout.shape))
+        param.grad = torch.randn_like(param)
+        state = {"step": torch.tensor(0), "m": torch.zeros(layout.shape),
+                 "v": torch.zeros(layout.v_shape)}
+        pieces = amx.eager.row_pieces(name, param, state, layouts)
+        assert len(pieces) == (6 if name == "up_proj.weight" else 1), name
