@@ -46,19 +46,38 @@ class BlockLayout:
         if not 0 <= self.row_dims <= len(self.shape):
             raise ValueError(f"layout {self.pattern!r}: row_dims={self.row_dims} outside "
                              f"[0, {len(self.shape)}] for shape {self.shape}")
+        self._cache_geometry()
         covered = sum(length * count for length, count in self.runs)
         if covered != self.num_rows or any(length < 1 or count < 0 for length, count in self.runs):
             raise ValueError(f"layout {self.pattern!r}: runs {self.runs} cover {covered} rows, but "
                              f"shape {self.shape} has {self.num_rows} rows")
 
     # ----- static geometry -------------------------------------------------------------------
+    def _cache_geometry(self) -> None:
+        """Compute the derived shapes once (an eager step reads them for every tensor; plain
+        attributes, which ``torch.compile`` reads for free). Not dataclass fields: equality,
+        hashing and ``repr`` stay those of the five fields."""
+        ndim = len(self.shape)
+        permuted = tuple(self.shape[axis] for axis in self.perm)
+        one_row_per_block = all(length == 1 for length, count in self.runs if count)
+        row_shape = permuted[: self.row_dims]
+        derived = dict(
+            _permuted_shape=permuted, _row_shape=row_shape,
+            _row_numel=math.prod(permuted[self.row_dims:]), _one_row_per_block=one_row_per_block,
+            _v_shape=row_shape if one_row_per_block else (sum(c for _, c in self.runs),),
+            _identity=self.perm == tuple(range(ndim)),
+            _inverse=tuple(sorted(range(ndim), key=lambda axis: self.perm[axis])),
+            _expanded_row_shape=row_shape + (1,) * (ndim - self.row_dims))
+        for name, value in derived.items():
+            object.__setattr__(self, name, value)
+
     @property
     def permuted_shape(self) -> Shape:
-        return tuple(self.shape[axis] for axis in self.perm)
+        return self._permuted_shape
 
     @property
     def row_shape(self) -> Shape:
-        return self.permuted_shape[: self.row_dims]
+        return self._row_shape
 
     @property
     def num_rows(self) -> int:
@@ -67,7 +86,7 @@ class BlockLayout:
     @property
     def row_numel(self) -> int:
         """Elements per row (features)."""
-        return math.prod(self.permuted_shape[self.row_dims:])
+        return self._row_numel
 
     @property
     def num_blocks(self) -> int:
@@ -75,12 +94,12 @@ class BlockLayout:
 
     @property
     def one_row_per_block(self) -> bool:
-        return all(length == 1 for length, count in self.runs if count)
+        return self._one_row_per_block
 
     @property
     def v_shape(self) -> Shape:
         """Shape of the second-moment state: the row shape when each row is a block, else flat."""
-        return self.row_shape if self.one_row_per_block else (self.num_blocks,)
+        return self._v_shape
 
     @property
     def block_sizes(self) -> tuple[int, ...]:
@@ -89,7 +108,7 @@ class BlockLayout:
 
     # ----- tensor maps -----------------------------------------------------------------------
     def _permute(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.perm == tuple(range(len(self.perm))) else x.permute(self.perm)
+        return x if self._identity else x.permute(self.perm)
 
     def row_sums_of_squares(self, g: torch.Tensor) -> torch.Tensor:
         """``sum_j g[r, j]**2`` for every row ``r``; shape ``row_shape``."""
@@ -125,13 +144,8 @@ class BlockLayout:
         else:
             per_row = torch.cat([piece.repeat_interleave(length) for piece, (length, _) in
                                  zip(per_block.split([count for _, count in self.runs]), self.runs)])
-        ndim = len(self.shape)
-        per_row = per_row.reshape(self.row_shape + (1,) * (ndim - self.row_dims))
-        inverse = tuple(sorted(range(ndim), key=lambda axis: self.perm[axis]))
-        return self._permute_back(per_row, inverse)
-
-    def _permute_back(self, x: torch.Tensor, inverse: Shape) -> torch.Tensor:
-        return x if inverse == tuple(range(len(inverse))) else x.permute(inverse)
+        per_row = per_row.reshape(self._expanded_row_shape)
+        return per_row if self._identity else per_row.permute(self._inverse)
 
 
 def is_dtensor(x: torch.Tensor) -> bool:

@@ -49,6 +49,11 @@ class Workspace:
         self._buffers: dict[tuple, torch.Tensor] = {}
         self._used: dict[tuple, int] = {}
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the buffers."""
+        return sum(buffer.numel() * buffer.element_size() for buffer in self._buffers.values())
+
     def reset(self) -> None:
         """Every temporary handed out so far may be overwritten from now on."""
         self._used.clear()

@@ -5,10 +5,12 @@ The optimizer runs the :func:`adam_mini` chain once per chunk, with donated buff
 parameter of the chunk gets one temporary, its update, which the later transforms overwrite. A
 chunk holds at most ``CHUNK_ELEMENTS`` elements, so that temporary stays small: it is served from
 glibc's heap rather than freshly mapped (and page-faulted) memory, and it is still in the cache
-when the next transform reads it. A parameter larger than a chunk whose blocks are whole rows
-(embeddings, output layers, MLP and value/output projections) is cut into pieces of rows, each a
-parameter of its own to the chain (a view of the parameter, of ``m`` and of ``v``, with the rows'
-block layout); any other parameter is a chunk of its own.
+when the next transform reads it. A parameter larger than a chunk whose blocks are rows or
+runs of rows of one length along its first axis (embeddings, output layers, MLP and
+value/output projections, query/key heads, 3-D experts) is cut into pieces of whole blocks, each
+a parameter of its own to the chain (a view of the parameter, of ``m`` and of ``v``, with the
+piece's block layout); any other parameter (a transposed ``Conv1D`` weight, fused QKV, a DTensor)
+is a chunk of its own.
 """
 from __future__ import annotations
 
@@ -41,34 +43,43 @@ def row_pieces(name: str, param: torch.Tensor, state: dict[str, torch.Tensor],
     is larger and its layout allows it; else one member. A piece's layout is registered in
     ``layouts`` under the piece's name, ``"<name>[start:stop]"``."""
     layout = layouts[name]
-    whole = [Member(name, param, param.grad, state, state)]
-    if param.numel() <= CHUNK_ELEMENTS or not _rows_are_blocks(layout) or is_dtensor(param):
-        return whole
-    rows = max(1, CHUNK_ELEMENTS // (param.numel() // param.shape[0]))
+    block_rows = _rows_per_block(layout)
+    if param.numel() <= CHUNK_ELEMENTS or block_rows is None or is_dtensor(param):
+        return [Member(name, param, param.grad, state, state)]
+    fitting = CHUNK_ELEMENTS // (param.numel() // param.shape[0])  # first-axis rows in a chunk
+    rows = max(1, fitting // block_rows) * block_rows
     pieces = []
     for start in range(0, param.shape[0], rows):
         stop = min(start + rows, param.shape[0])
         piece = f"{name}[{start}:{stop}]"
         if piece not in layouts:
-            layouts[piece] = _rows_layout(layout, stop - start)
+            layouts[piece] = _piece_layout(layout, block_rows, stop - start)
+        blocks = slice(start // block_rows, stop // block_rows)  # v's entries for these rows
         pieces.append(Member(piece, param[start:stop], param.grad[start:stop],
                              {"step": state["step"], "m": state["m"][start:stop],
-                              "v": state["v"][start:stop]}, state))
+                              "v": state["v"][blocks]}, state))
     return pieces
 
 
-def _rows_are_blocks(layout: BlockLayout) -> bool:
-    """The first axis indexes rows that are blocks of their own (so ``v`` is one value per row,
-    and a slice of rows is a tensor with the same kind of layout)."""
-    return (layout.perm == tuple(range(len(layout.shape))) and layout.row_dims >= 1
-            and layout.one_row_per_block)
+def _rows_per_block(layout: BlockLayout) -> int | None:
+    """How many first-axis rows make one block, if every block is that many whole rows in order
+    (``v``'s first axis then runs over the blocks); else None."""
+    if layout.perm != tuple(range(len(layout.shape))) or layout.row_dims < 1:
+        return None
+    if layout.one_row_per_block:
+        return 1
+    runs = [(length, count) for length, count in layout.runs if count]
+    return runs[0][0] if layout.row_dims == 1 and len(runs) == 1 else None
 
 
-def _rows_layout(layout: BlockLayout, rows: int) -> BlockLayout:
-    """``layout`` for ``rows`` rows of its first axis."""
+def _piece_layout(layout: BlockLayout, block_rows: int, rows: int) -> BlockLayout:
+    """``layout`` for ``rows`` first-axis rows (whole blocks of ``block_rows`` rows each)."""
     shape = (rows, *layout.shape[1:])
-    blocks = rows * math.prod(layout.row_shape[1:])
-    return BlockLayout(shape, layout.perm, layout.row_dims, ((1, blocks),), layout.pattern)
+    if block_rows == 1:
+        runs = ((1, rows * math.prod(layout.row_shape[1:])),)
+    else:
+        runs = ((block_rows, rows // block_rows),)
+    return BlockLayout(shape, layout.perm, layout.row_dims, runs, layout.pattern)
 
 
 def chunks(members: list[Member]) -> list[list[Member]]:

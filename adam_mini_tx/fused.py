@@ -141,6 +141,11 @@ class FusedStep:
         self._prepared: tuple[list, list | None] | None = None
         self.compile_seconds = 0.0
 
+    @property
+    def scratch_bytes(self) -> int:
+        """Bytes of the per-row statistics buffers, kept from step to step."""
+        return sum(sums.numel() * sums.element_size() for sums in self._row_sums.values())
+
     def prepare(self, members: Sequence[tuple[str, torch.Tensor, dict[str, torch.Tensor]]],
                 statistics: bool = True) -> list[torch.Tensor]:
         """The statistics pass: every member's row sums of squares, for :meth:`apply` to use.

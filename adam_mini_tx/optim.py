@@ -136,6 +136,13 @@ class AdamMini(torch.optim.Optimizer):
         return sum(chain.fused.compile_seconds for chain in self._chains
                    if chain.fused is not None)
 
+    @property
+    def scratch_bytes(self) -> int:
+        """Bytes the optimizer keeps between steps besides its state: the eager step's workspace
+        (one chunk's temporaries) and the fused step's per-row statistics buffers."""
+        return sum(chain.workspace.nbytes + (chain.fused.scratch_bytes if chain.fused else 0)
+                   for chain in self._chains)
+
     def _checked_gradients(self) -> dict[str, torch.Tensor]:
         """Every gradient of this step, validated before any parameter or state changes."""
         grads = {name: param.grad for name, param in self._named_params()

@@ -32,7 +32,9 @@ SIZES = {  # name -> (vocab, dim, layers, heads, kv heads, mlp hidden): Llama-sh
     "36m": (8192, 512, 8, 8, 8, 1536),
     "125m": (32000, 768, 12, 12, 4, 2048),
     "350m": (32000, 1024, 24, 16, 8, 2816),
+    "tiny": (64, 16, 8, 8, 8, 32),  # 36m's 76 tensors, tiny: Python work per step (ab_step.py)
 }
+DEFAULT_SIZES = "25m,36m,125m,350m"
 # bytes an fp32 step must move per parameter: AdamW reads p, g, m, v and writes p, m, v; Adam-mini
 # has no per-element v (reads p, g, m, writes p, m). Implementations that read g a second time for
 # the block statistic move 24.
@@ -164,6 +166,7 @@ def bench_size(size: str, rounds: int, warmup: int, device: torch.device) -> dic
         rows.append({"candidate": name, "step_ms": 1e3 * step, "x_adamw_fused": step / adamw,
                      "x_own_bound": step / bound, "state_bytes": state_bytes(opt),
                      "state_x_adamw": state_bytes(opt) / adamw_state,
+                     "scratch_mib": getattr(opt, "scratch_bytes", 0) / 2**20,
                      "allocated_mib": total / 2**20, "peak_extra_mib": peak / 2**20,
                      "compile_s": getattr(opt, "compile_seconds", 0.0)})
     largest = max(p.numel() * p.element_size() for p in model.parameters())
@@ -181,11 +184,12 @@ def markdown(results: list[dict], command: str) -> str:
                   f"{res['bandwidth_gbs']:.1f} GB/s; largest tensor {res['largest_param_mib']:.1f} "
                   f"MiB)", "",
                   "| candidate | step ms | x AdamW fused | x own bandwidth bound | state x AdamW "
-                  "| MiB allocated in a step | peak extra MiB | compile s |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| scratch MiB kept | MiB allocated in a step | peak extra MiB | compile s |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in res["rows"]:
             lines.append(f"| {r['candidate']} | {r['step_ms']:.1f} | {r['x_adamw_fused']:.2f} | "
                          f"{r['x_own_bound']:.2f} | {r['state_x_adamw']:.3f} | "
+                         f"{r['scratch_mib']:.1f} | "
                          f"{r['allocated_mib']:.0f} | {r['peak_extra_mib']:.1f} | "
                          f"{r['compile_s']:.0f} |")
         lines.append("")
@@ -217,7 +221,7 @@ def plot(results: list[dict], path: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default=",".join(SIZES), help=f"comma-separated from {list(SIZES)}")
+    parser.add_argument("--sizes", default=DEFAULT_SIZES, help=f"comma-separated from {list(SIZES)}")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="cpu")

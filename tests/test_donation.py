@@ -2,6 +2,8 @@
 bit for bit those of the pure update, and never writes anything else (gradients, parameters,
 the state a pure transform reads after its inner update, what a user transform keeps). The
 eager optimizer step runs on it, over row pieces of large parameters."""
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -141,18 +143,27 @@ def test_eager_step_over_row_pieces_equals_the_functional_core_bit_for_bit(monke
     for k in params:
         assert torch.equal(ours[k], ref[k]), k
     assert {int(s["step"]) for s in opt.state.values()} == {5}
+    # the kept workspace holds one chunk's temporaries (aligned), not the model's
+    assert 64 * 4 <= opt.scratch_bytes <= 4 * 64 * 4 < sum(p.numel() for p in params.values())
 
 
-def test_a_conv1d_or_per_head_parameter_is_not_cut(monkeypatch):
-    """Only layouts whose rows are blocks along the first axis are cut into pieces."""
+def test_only_whole_blocks_along_the_first_axis_are_cut_into_pieces(monkeypatch):
+    """Rows and runs of rows (heads) along the first axis are cut at block boundaries; a
+    transposed Conv1D weight and fused QKV rows (runs of several lengths) stay whole."""
     monkeypatch.setattr(amx.eager, "CHUNK_ELEMENTS", 1024)
     layouts = {"c_attn.weight": blocks.per_row((64, 96), transposed=True),
+               "qkv_proj.weight": blocks.fused_rows((96, 64), [("q", 4), ("k", 2), ("v", 32)]),
                "q_proj.weight": blocks.per_head((96, 64), 4),
                "up_proj.weight": blocks.per_row((96, 64))}
+    expected = {"c_attn.weight": [64], "qkv_proj.weight": [96], "q_proj.weight": [24] * 4,
+                "up_proj.weight": [16] * 6}
     for name, layout in list(layouts.items()):
         param = nn.Parameter(torch.randn(layout.shape))
         param.grad = torch.randn_like(param)
         state = {"step": torch.tensor(0), "m": torch.zeros(layout.shape),
-                 "v": torch.zeros(layout.v_shape)}
+                 "v": torch.arange(float(math.prod(layout.v_shape))).reshape(layout.v_shape)}
         pieces = amx.eager.row_pieces(name, param, state, layouts)
-        assert len(pieces) == (6 if name == "up_proj.weight" else 1), name
+        assert [piece.param.shape[0] for piece in pieces] == expected[name], name
+        if name == "q_proj.weight":  # each piece holds its own head's second moment
+            assert [piece.state["v"].tolist() for piece in pieces] == [[0.0], [1.0], [2.0], [3.0]]
+            assert layouts[pieces[1].name].runs == ((24, 1),)

@@ -279,3 +279,7 @@ def test_fused_skips_a_nonfinite_step_from_its_statistics_and_applies_overflowin
                                        rtol=1e-5, atol=1e-7)
     overflowed = opts[1].state[fused_model.layers[0].mlp.down_proj.weight]["v"]
     assert torch.isinf(overflowed[2]) and torch.isfinite(overflowed[3:]).all()
+    # the statistics pass keeps one fp32 sum per row of every parameter, and nothing else
+    rows = sum(amx.plan_blocks(fused_model, **HEADS)[name].layout.num_rows
+               for name, _ in fused_model.named_parameters())
+    assert opts[1].scratch_bytes == 4 * rows
