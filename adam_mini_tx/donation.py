@@ -26,9 +26,12 @@ import contextlib
 import math
 import weakref
 from contextvars import ContextVar
-from typing import Callable, Iterable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, TypeVar
 
 import torch
+
+if TYPE_CHECKING:  # base imports this module
+    from .base import GradientTransformation
 
 _TEMPORARIES: ContextVar[weakref.WeakValueDictionary | None] = ContextVar(
     "adam_mini_tx_temporaries", default=None)
@@ -43,7 +46,8 @@ class Workspace:
     """Memory for the temporaries of donated updates: one flat buffer per dtype and device,
     handed out in order and reused by the next :func:`donating` call that is given it (so the
     updates of one call must be consumed before the next). It grows to the largest call's needs
-    (the optimizer's eager step: one chunk, 2 MiB of fp32) and is then never reallocated."""
+    (the optimizer's eager step: one chunk, 4 MiB of fp32, or a larger tensor that cannot be cut
+    into pieces) and is then never reallocated."""
 
     def __init__(self) -> None:
         self._buffers: dict[tuple, torch.Tensor] = {}
@@ -71,8 +75,10 @@ class Workspace:
         return buffer[start:start + numel].view(shape)
 
 
-def donated_update(transform, updates, state, params=None, grads=None, *,
-                   workspace: Workspace | None = None):
+def donated_update(transform: GradientTransformation, updates: dict[str, torch.Tensor],
+                   state: Any, params: dict[str, torch.Tensor] | None = None,
+                   grads: dict[str, torch.Tensor] | None = None, *,
+                   workspace: Workspace | None = None) -> tuple[dict[str, torch.Tensor], Any]:
     """``transform.update(updates, state, params, grads)`` with donated buffers (see the module
     docstring): the old ``state`` is consumed, use only the one returned. Temporaries come from
     ``workspace`` (reset here: the previous call's updates must be dead) or, by default, from a
@@ -169,7 +175,9 @@ def in_place_safe(update: Update) -> Update:
     return update
 
 
-def run_update(transform, updates, state, params, grads):
+def run_update(transform: GradientTransformation, updates: dict[str, torch.Tensor], state: Any,
+               params: dict[str, torch.Tensor] | None,
+               grads: dict[str, torch.Tensor] | None) -> tuple[dict[str, torch.Tensor], Any]:
     """``transform.update(updates, state, params, grads)``; inside :func:`donating`, a transform
     not marked :func:`in_place_safe` runs with donation suspended, and every temporary is
     forgotten after it (how :func:`~adam_mini_tx.chain` calls its members)."""
@@ -184,5 +192,5 @@ def run_update(transform, updates, state, params, grads):
     return result
 
 
-__all__ = ["Workspace", "donated_update", "donating", "donated", "fresh", "empty_temporary", "forget",
-           "in_place_or_new", "in_place_safe", "run_update"]
+__all__ = ["Workspace", "donated_update", "donating", "donated", "fresh", "empty_temporary",
+           "forget", "in_place_or_new", "in_place_safe", "run_update"]
