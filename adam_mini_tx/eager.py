@@ -10,7 +10,10 @@ runs of rows of one length along its first axis (embeddings, output layers, MLP 
 value/output projections, query/key heads, 3-D experts) is cut into pieces of whole blocks, each
 a parameter of its own to the chain (a view of the parameter, of ``m`` and of ``v``, with the
 piece's block layout); any other parameter (a transposed ``Conv1D`` weight, fused QKV, a DTensor)
-is a chunk of its own.
+is a chunk of its own. The pieces' results are the whole tensor's, bit for bit, except that in
+bf16 a piece boundary can move elements between ATen's vectorised loop and its scalar tail,
+which round bf16 differently: a parameter may then differ by one bf16 rounding per step (its
+state does not; ``tests/test_properties_hypothesis.py``).
 """
 from __future__ import annotations
 
