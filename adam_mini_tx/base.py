@@ -66,9 +66,9 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     chain's own input as ``grads``: ``u_k = T_k(u_{k-1}; grads=u_0)``.
 
     A nested chain hands on *its* input, so ``chain(clip_by_global_norm(1.0), adam_mini())``
-    gives Adam-mini the clipped gradient for both moments. Inside
-    :func:`~adam_mini_tx.donation.donating` the input is never written (every member may read it
-    as ``grads``), and members not marked ``in_place_safe`` run as pure functions."""
+    gives Adam-mini the clipped gradient for both moments. In
+    :func:`~adam_mini_tx.donated_update` the input is never written (every member may read it as
+    ``grads``), and members not marked ``in_place_safe`` run as pure functions."""
 
     def init(params: Params) -> tuple:
         return tuple(t.init(params) for t in transforms)
