@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 
@@ -146,6 +146,53 @@ class BlockLayout:
                                  zip(per_block.split([count for _, count in self.runs]), self.runs)])
         per_row = per_row.reshape(self._expanded_row_shape)
         return per_row if self._identity else per_row.permute(self._inverse)
+
+
+class GivenRowSums:
+    """``layout`` whose statistic is taken from ``row_sums``, the same
+    :meth:`BlockLayout.row_sums_of_squares` computed earlier by a statistics pass, instead of a
+    second read of ``g``: ``mean_square(g) = layout.blocks_from_row_sums(row_sums)``. While
+    ``row_sums`` is None it reads ``g``, as ``layout`` does."""
+
+    def __init__(self, layout: BlockLayout):
+        self.layout = layout
+        self.shape = layout.shape
+        self.v_shape = layout.v_shape
+        self.row_sums: torch.Tensor | None = None
+
+    def mean_square(self, g: torch.Tensor) -> torch.Tensor:
+        if self.row_sums is None:
+            return self.layout.mean_square(g)
+        return self.layout.blocks_from_row_sums(self.row_sums)
+
+    def expand(self, per_block: torch.Tensor) -> torch.Tensor:
+        return self.layout.expand(per_block)
+
+
+class GivenRowSumsMap(Mapping):
+    """``name -> GivenRowSums(layouts[name])`` over a dict of layouts that may grow (the eager
+    step registers its row pieces there); each wrapper is made once and kept."""
+
+    def __init__(self, layouts: dict[str, BlockLayout]):
+        self.layouts = layouts
+        self._wrapped: dict[str, GivenRowSums] = {}
+
+    def __getitem__(self, name: str) -> GivenRowSums:
+        wrapper = self._wrapped.get(name)
+        if wrapper is None:
+            wrapper = self._wrapped[name] = GivenRowSums(self.layouts[name])
+        return wrapper
+
+    def __iter__(self):
+        return iter(self.layouts)
+
+    def __len__(self) -> int:
+        return len(self.layouts)
+
+    def forget_sums(self) -> None:
+        """Every wrapper reads ``g`` again (the sums were for one step)."""
+        for wrapper in self._wrapped.values():
+            wrapper.row_sums = None
 
 
 def is_dtensor(x: torch.Tensor) -> bool:

@@ -22,7 +22,8 @@ from typing import NamedTuple
 
 import torch
 
-from .blocks import BlockLayout, is_dtensor
+from .base import to_dtype
+from .blocks import BlockLayout, GivenRowSumsMap, is_dtensor
 
 CHUNK_ELEMENTS = 2**20
 """Elements per chain call of the eager step (4 MiB of fp32)."""
@@ -31,13 +32,14 @@ CHUNK_ELEMENTS = 2**20
 class Member(NamedTuple):
     """One tensor of the eager step: its name (as the chain sees it), the parameter (or a view of
     its rows), its gradient and its ``{"step", "m", "v"}`` state (of the rows). ``owner`` is the
-    whole parameter's state dict, where the new step count goes."""
+    whole parameter's state dict, where the new step count goes, and ``whole`` its name."""
 
     name: str
     param: torch.Tensor
     grad: torch.Tensor
     state: dict[str, torch.Tensor]
     owner: dict[str, torch.Tensor]
+    whole: str
 
 
 def row_pieces(name: str, param: torch.Tensor, state: dict[str, torch.Tensor],
@@ -48,7 +50,7 @@ def row_pieces(name: str, param: torch.Tensor, state: dict[str, torch.Tensor],
     layout = layouts[name]
     block_rows = _rows_per_block(layout)
     if param.numel() <= CHUNK_ELEMENTS or block_rows is None or is_dtensor(param):
-        return [Member(name, param, param.grad, state, state)]
+        return [Member(name, param, param.grad, state, state, name)]
     fitting = CHUNK_ELEMENTS // (param.numel() // param.shape[0])  # first-axis rows in a chunk
     rows = max(1, fitting // block_rows) * block_rows
     pieces = []
@@ -60,7 +62,7 @@ def row_pieces(name: str, param: torch.Tensor, state: dict[str, torch.Tensor],
         blocks = slice(start // block_rows, stop // block_rows)  # v's entries for these rows
         pieces.append(Member(piece, param[start:stop], param.grad[start:stop],
                              {"step": state["step"], "m": state["m"][start:stop],
-                              "v": state["v"][blocks]}, state))
+                              "v": state["v"][blocks]}, state, name))
     return pieces
 
 
@@ -102,4 +104,23 @@ def chunks(members: list[Member]) -> list[list[Member]]:
     return packed
 
 
-__all__ = ["CHUNK_ELEMENTS", "Member", "row_pieces", "chunks"]
+def row_statistics(members: list[Member], given: GivenRowSumsMap) -> tuple[list[torch.Tensor],
+                                                                            set[str]]:
+    """The statistics pass of a step with a non-finite check: every plain-tensor member's row
+    sums of squares (in ``v``'s dtype, as the chain computes them), handed to the chain through
+    ``given`` so that it does not read ``g`` for them again. Returns a 0-d bool per call (all
+    sums finite: so is every gradient element, unless a finite one's square overflows) and the
+    names of the parameters covered. DTensor members are left to the caller's own check."""
+    totals, covered = [], set()
+    for member in members:
+        if is_dtensor(member.grad):
+            continue
+        wrapper = given[member.name]
+        wrapper.row_sums = wrapper.layout.row_sums_of_squares(
+            to_dtype(member.grad, member.state["v"].dtype))
+        totals.append(wrapper.row_sums.sum())
+        covered.add(member.whole)
+    return ([torch.isfinite(torch.stack(totals)).all()] if totals else []), covered
+
+
+__all__ = ["CHUNK_ELEMENTS", "Member", "row_pieces", "chunks", "row_statistics"]

@@ -10,7 +10,7 @@ passes, each one compiled call per round shape (``torch.compile(fullgraph=True, 
    (:meth:`BlockLayout.row_sums_of_squares`, into small persistent buffers) and returns whether
    they are all finite: the optimizer's non-finite check costs no read of its own;
 2. :meth:`FusedStep.apply` runs the chain, whose blockwise statistic takes those row sums
-   (``_GivenRowSums``) instead of reading ``g`` again, in kernels that read ``p, g, m`` and write
+   (``GivenRowSums``) instead of reading ``g`` again, in kernels that read ``p, g, m`` and write
    ``p, m`` in one pass, with ``v`` (one value per block) small; nothing full-size is allocated.
 
 Without a check (``nonfinite="apply"``), :meth:`FusedStep.apply` alone reads ``g`` for the
@@ -29,7 +29,7 @@ import torch
 
 from .alias import adam_mini_slots, adam_mini_state_from_slots
 from .base import GradientTransformation, to_dtype
-from .blocks import BlockLayout
+from .blocks import BlockLayout, GivenRowSums
 
 ChainFactory = Callable[[torch.Tensor, torch.Tensor, Mapping[str, BlockLayout], str],
                         GradientTransformation]
@@ -69,27 +69,8 @@ def _fresh_function(function: Callable) -> Callable:
                               function.__name__, function.__defaults__, function.__closure__)
 
 
-class _GivenRowSums:
-    """``layout`` whose statistic is taken from ``row_sums``, the same
-    :meth:`BlockLayout.row_sums_of_squares` computed by the statistics pass, instead of a second
-    read of ``g``: ``mean_square(g) = layout.blocks_from_row_sums(row_sums)``. The compiled round
-    sets ``row_sums`` to the bucket's buffers before it runs the chain."""
-
-    def __init__(self, layout: BlockLayout):
-        self.layout = layout
-        self.shape = layout.shape
-        self.v_shape = layout.v_shape
-        self.row_sums: torch.Tensor | None = None
-
-    def mean_square(self, g: torch.Tensor) -> torch.Tensor:
-        return self.layout.blocks_from_row_sums(self.row_sums)
-
-    def expand(self, per_block: torch.Tensor) -> torch.Tensor:
-        return self.layout.expand(per_block)
-
-
 def _write_round_in_place(txs: Sequence[GradientTransformation],
-                          given: Sequence[Sequence[_GivenRowSums]],
+                          given: Sequence[Sequence[GivenRowSums]],
                           buckets: Sequence[tuple], row_sums: Sequence[Sequence[torch.Tensor]]
                           ) -> None:
     """:func:`_write_step_in_place` for every bucket of a round, its statistics taken from
@@ -243,7 +224,7 @@ class FusedStep:
                  weight_decay: torch.Tensor) -> Callable:
         """The update pass of a round: ``signature`` holds its buckets' signatures; ``given``:
         the statistics come from the row sums of :meth:`prepare` (else from ``g``)."""
-        layouts = [[_GivenRowSums(layout) if given else layout for _ in range(size)]
+        layouts = [[GivenRowSums(layout) if given else layout for _ in range(size)]
                    for layout, label, *_, size in signature]
         txs = [self._make_chain(lr, weight_decay, {str(i): x for i, x in enumerate(bucket)},
                                 label)

@@ -27,9 +27,9 @@ from torch import nn
 from .alias import DECAY_MASKS, adam_mini, adam_mini_slots
 from .base import (GradientTransformation, check_betas, check_gradients, check_number,
                    to_dtype)
-from .blocks import is_dtensor
+from .blocks import GivenRowSumsMap, is_dtensor
 from .donation import Workspace, donating
-from .eager import chunks, row_pieces
+from .eager import Member, chunks, row_pieces, row_statistics
 from .fused import FusedStep, chain_step
 from .guards import all_finite, check_policy, nonfinite_names
 from .plan import BlockPlan, plan_blocks
@@ -66,9 +66,10 @@ class AdamMini(torch.optim.Optimizer):
     ``fused``: run the same chain compiled with ``torch.compile`` over buckets of parameters that
     share a block layout, writing parameters and state in place (no full-size temporaries). The
     first step compiles every bucket shape (``optimizer.compile_seconds`` reports the time);
-    DTensor (FSDP2) parameters keep the eager path. Equal to the eager step to ~1e-7. With a
-    non-finite check (``"skip"``, ``"raise"``) a statistics pass runs first, and the check reads
-    its per-row sums instead of every gradient (the first step creates the state before it).
+    DTensor (FSDP2) parameters keep the eager path. Equal to the eager step to ~1e-7. In both
+    modes, with a non-finite check (``"skip"``, ``"raise"``) a statistics pass computes every
+    gradient's row sums of squares first; the check reads those and the chain takes them, so the
+    check costs no read of the gradients of its own (the first step creates the state before it).
     """
 
     def __init__(self, params: Iterable[Any], lr: float | torch.Tensor = 1e-3,
@@ -109,25 +110,34 @@ class AdamMini(torch.optim.Optimizer):
                 loss = closure()
         grads = self._checked_gradients()
         chains = [self._chain(index, group) for index, group in enumerate(self.param_groups)]
-        # the fused step's statistics pass needs the state (its dtype) before the check; the
-        # eager step creates it only for a step that goes on
-        members = [self._members(chain.tx, group) if self.fused else None
+        # the statistics passes need the state (v's dtype, the pieces' views) before the check
+        members = [self._members(chain.tx, group)
                    for chain, group in zip(chains, self.param_groups)]
-        finite, fused_names = [], set()
+        check = self.nonfinite != "apply"
+        finite, checked, eager = [], set(), []
         for chain, group_members in zip(chains, members):
-            if chain.fused is not None:  # the fused members' check costs no read of its own
+            if chain.fused is not None:  # fused: its members' statistics pass, then the rest
                 local = [m for m in group_members if not is_dtensor(m[1])]
-                finite.extend(chain.fused.prepare(local, statistics=self.nonfinite != "apply"))
-                fused_names.update(name for name, _, _ in local)
-        if self.nonfinite != "apply" and not self._finite_or_skip(grads, finite, fused_names):
-            return loss
-        for chain, group, group_members in zip(chains, self.param_groups, members):
-            if group_members is None:
-                group_members = self._members(chain.tx, group)
-            if chain.fused is not None:
-                chain.fused.apply(group)
+                finite.extend(chain.fused.prepare(local, statistics=check))
+                checked.update(name for name, _, _ in local)
                 group_members = [m for m in group_members if is_dtensor(m[1])]
-            _eager_step(chain, group_members)
+            pieces = [piece for name, param, state in group_members
+                      for piece in row_pieces(name, param, state, chain.given.layouts)]
+            if check:  # the check reads the statistics, and the chain takes them
+                flags, covered = row_statistics(pieces, chain.given)
+                finite.extend(flags)
+                checked.update(covered)
+            eager.append(pieces)
+        try:
+            if check and not self._finite_or_skip(grads, finite, checked):
+                return loss
+            for chain, group, pieces in zip(chains, self.param_groups, eager):
+                if chain.fused is not None:
+                    chain.fused.apply(group)
+                _eager_step(chain, pieces)
+        finally:
+            for chain in chains:
+                chain.given.forget_sums()
         return loss
 
     @property
@@ -166,7 +176,8 @@ class AdamMini(torch.optim.Optimizer):
     def _finite_or_skip(self, grads: dict[str, torch.Tensor], finite: list[torch.Tensor],
                         checked: set[str]) -> bool:
         """The non-finite policy: True if the step may go on (one host sync per step).
-        ``finite`` holds flags that already cover the gradients named in ``checked``."""
+        ``finite`` holds flags, from the statistics passes, that already cover the gradients
+        named in ``checked``; the others are read here."""
         rest = {name: grad for name, grad in grads.items() if name not in checked}
         if rest:
             finite = [*finite, all_finite(rest)]
@@ -192,7 +203,7 @@ class AdamMini(torch.optim.Optimizer):
         ``group["lr"]`` need no rebuild (and no recompile)."""
         key = (tuple(group["betas"]), group["eps"], group["eps_root"], group["decay_mask"])
         while len(self._chains) <= index:
-            self._chains.append(_GroupChain({}, (), None, None, {}, Workspace()))
+            self._chains.append(_GroupChain({}, (), None, None, GivenRowSumsMap({}), Workspace()))
         cached = self._chains[index]
         if cached.group is not group or cached.key != key:
             def make(lr, weight_decay, plan, decay_mask):
@@ -201,7 +212,8 @@ class AdamMini(torch.optim.Optimizer):
                                  decay_mask=decay_mask)
 
             layouts = self._layout_map()
-            tx = make(lambda count: group["lr"], lambda count: group["weight_decay"], layouts,
+            given = GivenRowSumsMap(layouts)
+            tx = make(lambda count: group["lr"], lambda count: group["weight_decay"], given,
                       group["decay_mask"])
             fused_step = None
             if self.fused:
@@ -209,7 +221,7 @@ class AdamMini(torch.optim.Optimizer):
                 fused_step = FusedStep(
                     lambda lr, wd, plan, label: make(lr, wd, plan, lambda name, t: label),
                     layouts, mask)
-            self._chains[index] = _GroupChain(group, key, tx, fused_step, layouts, Workspace())
+            self._chains[index] = _GroupChain(group, key, tx, fused_step, given, Workspace())
         return self._chains[index]
 
     def _layout_map(self) -> dict:
@@ -385,16 +397,14 @@ class _GroupChain(NamedTuple):
     key: tuple  # the hyperparameters it was built with
     tx: GradientTransformation  # the group's adam_mini chain
     fused: FusedStep | None  # its fused step (fused=True)
-    layouts: dict  # name -> BlockLayout that tx reads (the eager step adds its row pieces)
+    given: GivenRowSumsMap  # what tx reads: the layouts (and row pieces) with given row sums
     workspace: Workspace  # the eager step's temporaries (one chunk's worth, reused)
 
 
-def _eager_step(chain: _GroupChain,
-                members: list[tuple[str, torch.Tensor, dict[str, torch.Tensor]]]) -> None:
-    """The group's chain over chunks of its members (see :mod:`adam_mini_tx.eager`), with
-    donated buffers: ``m`` and ``v`` are written in place (also through row pieces' views)."""
-    pieces = [piece for name, param, state in members
-              for piece in row_pieces(name, param, state, chain.layouts)]
+def _eager_step(chain: _GroupChain, pieces: list[Member]) -> None:
+    """The group's chain over chunks of its members and row pieces (see
+    :mod:`adam_mini_tx.eager`), with donated buffers: ``m`` and ``v`` are written in place (also
+    through row pieces' views), and the statistics are the given row sums where there are."""
     for chunk in chunks(pieces):
         with donating(chain.workspace):
             updates, slots = chain_step(chain.tx, {m.name: m.param for m in chunk},

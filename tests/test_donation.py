@@ -167,3 +167,44 @@ def test_only_whole_blocks_along_the_first_axis_are_cut_into_pieces(monkeypatch)
         if name == "q_proj.weight":  # each piece holds its own head's second moment
             assert [piece.state["v"].tolist() for piece in pieces] == [[0.0], [1.0], [2.0], [3.0]]
             assert layouts[pieces[1].name].runs == ((24, 1),)
+
+
+def test_eager_check_reads_the_statistics_the_chain_then_takes():
+    """With the default non-finite check, each gradient is read once for its row sums (which the
+    check and the chain share) and once by the momentum: no full-size sum for the check, no
+    second norm in the chain; the result is the functional core's, bit for bit."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Reads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.norms, self.largest_sum = 0, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.linalg_vector_norm.default:
+                self.norms += 1
+            if func.overloadpacket is torch.ops.aten.sum:
+                self.largest_sum = max(self.largest_sum, args[0].numel())
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = TinyLlama()
+    params = initial_params(model)
+    grads_seq = gradient_sequence(params, 3)
+    opt = amx.AdamMini(model.named_parameters(), lr=3e-3, weight_decay=0.1, **HEADS)
+    # one norm per tensor whose blocks are not single elements (rows, heads, whole norms)
+    reduced = [name for name, p in model.named_parameters()
+               if opt.plan[name].layout.row_dims < p.dim()]
+    rows = [p for p in model.parameters() if p.dim() == 2]
+    for step, grads in enumerate(grads_seq):
+        for name, p in model.named_parameters():
+            p.grad = grads[name].clone()
+        if step == 2:
+            with Reads() as reads:
+                opt.step()
+        else:
+            opt.step()
+    assert reads.norms == len(reduced) > len(rows)
+    assert reads.largest_sum < min(p.numel() for p in rows)  # row sums only, never a gradient
+    ref = run_functional(amx.adam_mini(lr=3e-3, weight_decay=0.1, **HEADS), params, grads_seq)
+    assert all(torch.equal(p, ref[name]) for name, p in model.named_parameters())
