@@ -208,3 +208,25 @@ def test_eager_check_reads_the_statistics_the_chain_then_takes():
     assert reads.largest_sum < min(p.numel() for p in rows)  # row sums only, never a gradient
     ref = run_functional(amx.adam_mini(lr=3e-3, weight_decay=0.1, **HEADS), params, grads_seq)
     assert all(torch.equal(p, ref[name]) for name, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("dtype, state_dtype", [(torch.float32, None),
+                                                (torch.bfloat16, torch.float32)])
+def test_given_statistics_equal_the_chains_own_over_pieces(monkeypatch, dtype, state_dtype):
+    """The check's statistics pass (row sums in v's dtype) and the chain's own statistic are the
+    same numbers: "skip" and "apply" steps agree bit for bit, over row pieces too."""
+    monkeypatch.setattr(amx.eager, "CHUNK_ELEMENTS", 256)
+    torch.manual_seed(0)
+    models = [TinyLlama().to(dtype) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [amx.AdamMini(m.named_parameters(), lr=3e-3, weight_decay=0.1, nonfinite=policy,
+                         state_dtype=state_dtype, **HEADS)
+            for m, policy in zip(models, ("skip", "apply"))]
+    for grads in gradient_sequence(initial_params(models[0]), 3):
+        for model, opt in zip(models, opts):
+            for name, p in model.named_parameters():
+                p.grad = grads[name].clone()
+            opt.step()
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.equal(p, q)
+        assert all(torch.equal(opts[0].state[p][k], opts[1].state[q][k]) for k in ("m", "v"))
