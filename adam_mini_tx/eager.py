@@ -24,6 +24,7 @@ import torch
 
 from .base import to_dtype
 from .blocks import BlockLayout, GivenRowSumsMap, is_dtensor
+from .guards import all_finite
 
 CHUNK_ELEMENTS = 2**20
 """Elements per chain call of the eager step (4 MiB of fp32)."""
@@ -111,16 +112,15 @@ def row_statistics(members: list[Member], given: GivenRowSumsMap) -> tuple[list[
     ``given`` so that it does not read ``g`` for them again. Returns a 0-d bool per call (all
     sums finite: so is every gradient element, unless a finite one's square overflows) and the
     names of the parameters covered. DTensor members are left to the caller's own check."""
-    totals, covered = [], set()
+    sums, covered = {}, set()
     for member in members:
         if is_dtensor(member.grad):
             continue
         wrapper = given[member.name]
-        wrapper.row_sums = wrapper.layout.row_sums_of_squares(
+        wrapper.row_sums = sums[member.name] = wrapper.layout.row_sums_of_squares(
             to_dtype(member.grad, member.state["v"].dtype))
-        totals.append(wrapper.row_sums.sum())
         covered.add(member.whole)
-    return ([torch.isfinite(torch.stack(totals)).all()] if totals else []), covered
+    return ([all_finite(sums)] if sums else []), covered
 
 
 __all__ = ["CHUNK_ELEMENTS", "Member", "row_pieces", "chunks", "row_statistics"]

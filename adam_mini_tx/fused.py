@@ -30,6 +30,7 @@ import torch
 from .alias import adam_mini_slots, adam_mini_state_from_slots
 from .base import GradientTransformation, to_dtype
 from .blocks import BlockLayout, GivenRowSums
+from .guards import all_finite
 
 ChainFactory = Callable[[torch.Tensor, torch.Tensor, Mapping[str, BlockLayout], str],
                         GradientTransformation]
@@ -89,12 +90,11 @@ def _row_sums_in_place(layouts: Sequence[Sequence[BlockLayout]],
     buffer's dtype, as the chain casts ``g`` to ``v``'s) for every parameter. Returns a 0-d bool:
     every sum is finite (so is every gradient element; a finite gradient whose squares overflow
     also reads as non-finite, and the caller checks the gradients themselves then)."""
-    totals = []
     for bucket_layouts, bucket_grads, bucket_sums in zip(layouts, grads, row_sums):
         for layout, g, sums in zip(bucket_layouts, bucket_grads, bucket_sums):
             sums.copy_(layout.row_sums_of_squares(to_dtype(g, sums.dtype)))
-            totals.append(sums.sum())
-    return torch.isfinite(torch.stack(totals)).all()
+    every = [sums for bucket_sums in row_sums for sums in bucket_sums]
+    return all_finite({str(i): sums for i, sums in enumerate(every)})
 
 
 class FusedStep:
@@ -224,14 +224,14 @@ class FusedStep:
                  weight_decay: torch.Tensor) -> Callable:
         """The update pass of a round: ``signature`` holds its buckets' signatures; ``given``:
         the statistics come from the row sums of :meth:`prepare` (else from ``g``)."""
-        layouts = [[GivenRowSums(layout) if given else layout for _ in range(size)]
+        # without given sums (``sums`` empty) the wrappers keep row_sums None and read ``g``
+        layouts = [[GivenRowSums(layout) for _ in range(size)]
                    for layout, label, *_, size in signature]
         txs = [self._make_chain(lr, weight_decay, {str(i): x for i, x in enumerate(bucket)},
                                 label)
                for (_, label, *_), bucket in zip(signature, layouts)]
-        settable = layouts if given else [[] for _ in layouts]
         step = self._compiled_function(_write_round_in_place)
-        compiled = lambda args, sums: step(txs, settable, args, sums)  # noqa: E731
+        compiled = lambda args, sums: step(txs, layouts, args, sums)  # noqa: E731
         self._compiled[(signature, given)] = compiled
         return compiled
 

@@ -222,11 +222,9 @@ def test_given_statistics_equal_the_chains_own_over_pieces(monkeypatch, dtype, s
     opts = [amx.AdamMini(m.named_parameters(), lr=3e-3, weight_decay=0.1, nonfinite=policy,
                          state_dtype=state_dtype, **HEADS)
             for m, policy in zip(models, ("skip", "apply"))]
-    for grads in gradient_sequence(initial_params(models[0]), 3):
-        for model, opt in zip(models, opts):
-            for name, p in model.named_parameters():
-                p.grad = grads[name].clone()
-            opt.step()
+    grads_seq = gradient_sequence(initial_params(models[0]), 3)
+    for model, opt in zip(models, opts):
+        feed(model, opt, grads_seq)
     for p, q in zip(models[0].parameters(), models[1].parameters()):
         assert torch.equal(p, q)
         assert all(torch.equal(opts[0].state[p][k], opts[1].state[q][k]) for k in ("m", "v"))
