@@ -4,15 +4,19 @@
 A :class:`GradientTransformation` is a pair of pure functions::
 
     state = init(params)
-    updates, state = update(updates, state, params=None, grads=None)
+    updates, state = update(updates, state, params=None, grads=None, **extra_args)
 
 ``update`` receives the updates produced so far in a chain and, as ``grads``, the raw gradient that
 entered the chain. Transforms that need the raw gradient (the blockwise second moment of
 Adam-mini, which must see ``g`` and not the momentum) read ``grads``; the others ignore it.
+``extra_args`` are per-step side inputs that a chain hands to every member that takes ``**``
+keyword arguments (``row_sums``: precomputed statistics, see
+:func:`~adam_mini_tx.blockwise_mean_square`); a transform without them is called without them.
 States are NamedTuples of tensors (and dicts of tensors); step counts are 0-d tensors.
 """
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 from typing import Any, Callable, Mapping, NamedTuple, Protocol, Union
@@ -34,7 +38,7 @@ class InitFn(Protocol):
 
 class UpdateFn(Protocol):
     def __call__(self, updates: Updates, state: State, params: Params | None = None,
-                 grads: Updates | None = None) -> tuple[Updates, State]: ...
+                 grads: Updates | None = None, **extra_args: Any) -> tuple[Updates, State]: ...
 
 
 class GradientTransformation(NamedTuple):
@@ -55,10 +59,20 @@ def identity() -> GradientTransformation:
         return EmptyState()
 
     @in_place_safe
-    def update(updates, state, params=None, grads=None):
+    def update(updates, state, params=None, grads=None, **extra_args):
         return updates, state
 
     return GradientTransformation(init, update)
+
+
+def takes_extra_args(transform: GradientTransformation) -> bool:
+    """Whether ``transform.update`` accepts ``**extra_args`` (read once, when a combinator is
+    built; from the code object when it has one, which ``torch.compile`` can trace)."""
+    code = getattr(transform.update, "__code__", None)
+    if code is not None:
+        return bool(code.co_flags & inspect.CO_VARKEYWORDS)
+    parameters = inspect.signature(transform.update).parameters.values()
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
 def chain(*transforms: GradientTransformation) -> GradientTransformation:
@@ -66,24 +80,30 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     chain's own input as ``grads``: ``u_k = T_k(u_{k-1}; grads=u_0)``.
 
     A nested chain hands on *its* input, so ``chain(clip_by_global_norm(1.0), adam_mini())``
-    gives Adam-mini the clipped gradient for both moments. In
+    gives Adam-mini the clipped gradient for both moments. ``extra_args`` reach every member that
+    takes them. In
     :func:`~adam_mini_tx.donated_update` the input is never written (every member may read it as
     ``grads``), and members not marked ``in_place_safe`` run as pure functions."""
+
+    takes_extra = tuple(takes_extra_args(t) for t in transforms)
 
     def init(params: Params) -> tuple:
         return tuple(t.init(params) for t in transforms)
 
     @in_place_safe
-    def update(updates, state, params=None, grads=None):
+    def update(updates, state, params=None, grads=None, **extra_args):
         if len(state) != len(transforms):
             raise ValueError(f"chain state has {len(state)} entries but the chain has "
                              f"{len(transforms)} transforms: was it made by this chain's init?")
         check_gradients(updates)
+        if params is not None:
+            check_same_keys(updates, params, "params", "updates")
         forget(updates.values())
         grads = updates
         new_states = []
-        for transform, inner in zip(transforms, state):
-            updates, inner = run_update(transform, updates, inner, params, grads)
+        for transform, inner, takes in zip(transforms, state, takes_extra):
+            updates, inner = run_update(transform, updates, inner, params, grads,
+                                        extra_args if takes else None)
             new_states.append(inner)
         return updates, tuple(new_states)
 
@@ -146,10 +166,18 @@ def check_gradients(grads: Mapping[str, torch.Tensor]) -> None:
 
 def check_number(name: str, value: Any, low: float, high: float | None = None, *,
                  high_inclusive: bool = False) -> None:
-    """Validate a hyperparameter given as a Python number: finite and in range (NaN or Inf would
-    silently turn every parameter into NaN). Tensors and schedules are checked where their value
-    is known, never by a host sync inside a traced step; anything else is a TypeError."""
-    if isinstance(value, torch.Tensor) or callable(value):
+    """Validate a hyperparameter: finite and in range (NaN or Inf would silently turn every
+    parameter into NaN). A Python number, or a one-element tensor whose value can be read here
+    (not while it is being traced or batched: such a tensor, and a schedule, is checked where
+    its value is known); anything else is a TypeError."""
+    if isinstance(value, torch.Tensor):
+        if not readable(value):
+            return
+        if value.numel() != 1:
+            raise ValueError(f"invalid {name}: {name} must be a float or a one-element tensor, "
+                             f"got a tensor of shape {tuple(value.shape)}")
+        value = value.item()
+    elif callable(value):
         return
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"invalid {name}={value!r}: pass a Python number or a 0-d tensor")
@@ -158,6 +186,14 @@ def check_number(name: str, value: Any, low: float, high: float | None = None, *
         bound = "" if high is None else (f", {high}]" if high_inclusive else f", {high})")
         interval = f"in [{low}{bound}" if high is not None else f">= {low}"
         raise ValueError(f"invalid {name}={value}: it must be a finite number {interval}")
+
+
+def readable(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor``'s values can be read on the host: a plain tensor with data, outside
+    ``torch.compile`` and ``torch.func`` transforms."""
+    return (type(tensor) in (torch.Tensor, torch.nn.Parameter) and tensor.device.type != "meta"
+            and not torch.compiler.is_compiling()
+            and not torch._C._functorch.is_functorch_wrapped_tensor(tensor))
 
 
 def check_betas(betas: Any) -> tuple[float, float]:

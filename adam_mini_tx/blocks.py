@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import torch
 
@@ -110,14 +110,20 @@ class BlockLayout:
     def _permute(self, x: torch.Tensor) -> torch.Tensor:
         return x if self._identity else x.permute(self.perm)
 
-    def row_sums_of_squares(self, g: torch.Tensor) -> torch.Tensor:
-        """``sum_j g[r, j]**2`` for every row ``r``; shape ``row_shape``."""
+    def row_sums_of_squares(self, g: torch.Tensor,
+                            dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``sum_j g[r, j]**2`` for every row ``r``; shape ``row_shape``. Accumulated in
+        :func:`accumulation_dtype` of ``g``'s dtype and ``dtype`` (at least fp32: fp16 rows of a
+        few thousand elements overflow fp16)."""
+        wide = accumulation_dtype(g.dtype, dtype)
         x = self._permute(g)
         feature_axes = tuple(range(self.row_dims, x.dim()))
         if not feature_axes:
+            x = x if x.dtype == wide else x.to(wide)
             return x * x
         # one read of g and no full-size temporary (vector_norm's gradient at 0 is 0, not NaN)
-        return torch.linalg.vector_norm(x, dim=feature_axes).square()
+        return torch.linalg.vector_norm(x, dim=feature_axes,
+                                        dtype=None if x.dtype == wide else wide).square()
 
     def blocks_from_row_sums(self, row_sums: torch.Tensor) -> torch.Tensor:
         """Per-row sums of squares -> per-block mean squares, shape ``v_shape``."""
@@ -148,51 +154,13 @@ class BlockLayout:
         return per_row if self._identity else per_row.permute(self._inverse)
 
 
-class GivenRowSums:
-    """``layout`` whose statistic is taken from ``row_sums``, the same
-    :meth:`BlockLayout.row_sums_of_squares` computed earlier by a statistics pass, instead of a
-    second read of ``g``: ``mean_square(g) = layout.blocks_from_row_sums(row_sums)``. While
-    ``row_sums`` is None it reads ``g``, as ``layout`` does."""
-
-    def __init__(self, layout: BlockLayout):
-        self.layout = layout
-        self.shape = layout.shape
-        self.v_shape = layout.v_shape
-        self.row_sums: torch.Tensor | None = None
-
-    def mean_square(self, g: torch.Tensor) -> torch.Tensor:
-        if self.row_sums is None:
-            return self.layout.mean_square(g)
-        return self.layout.blocks_from_row_sums(self.row_sums)
-
-    def expand(self, per_block: torch.Tensor) -> torch.Tensor:
-        return self.layout.expand(per_block)
-
-
-class GivenRowSumsMap(Mapping):
-    """``name -> GivenRowSums(layouts[name])`` over a dict of layouts that may grow (the eager
-    step registers its row pieces there); each wrapper is made once and kept."""
-
-    def __init__(self, layouts: dict[str, BlockLayout]):
-        self.layouts = layouts
-        self._wrapped: dict[str, GivenRowSums] = {}
-
-    def __getitem__(self, name: str) -> GivenRowSums:
-        wrapper = self._wrapped.get(name)
-        if wrapper is None:
-            wrapper = self._wrapped[name] = GivenRowSums(self.layouts[name])
-        return wrapper
-
-    def __iter__(self):
-        return iter(self.layouts)
-
-    def __len__(self) -> int:
-        return len(self.layouts)
-
-    def forget_sums(self) -> None:
-        """Every wrapper reads ``g`` again (the sums were for one step)."""
-        for wrapper in self._wrapped.values():
-            wrapper.row_sums = None
+def accumulation_dtype(*dtypes: torch.dtype | None) -> torch.dtype:
+    """The dtype statistics are summed in: the widest of ``dtypes`` and fp32."""
+    wide = torch.float32
+    for dtype in dtypes:
+        if dtype is not None:
+            wide = torch.promote_types(wide, dtype)
+    return wide
 
 
 def is_dtensor(x: torch.Tensor) -> bool:

@@ -26,12 +26,9 @@ import contextlib
 import math
 import weakref
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
 
 import torch
-
-if TYPE_CHECKING:  # base imports this module
-    from .base import GradientTransformation
 
 _TEMPORARIES: ContextVar[weakref.WeakValueDictionary | None] = ContextVar(
     "adam_mini_tx_temporaries", default=None)
@@ -75,7 +72,7 @@ class Workspace:
         return buffer[start:start + numel].view(shape)
 
 
-def donated_update(transform: GradientTransformation, updates: dict[str, torch.Tensor],
+def donated_update(transform: Any, updates: dict[str, torch.Tensor],
                    state: Any, params: dict[str, torch.Tensor] | None = None,
                    grads: dict[str, torch.Tensor] | None = None, *,
                    workspace: Workspace | None = None) -> tuple[dict[str, torch.Tensor], Any]:
@@ -175,17 +172,19 @@ def in_place_safe(update: Update) -> Update:
     return update
 
 
-def run_update(transform: GradientTransformation, updates: dict[str, torch.Tensor], state: Any,
-               params: dict[str, torch.Tensor] | None,
-               grads: dict[str, torch.Tensor] | None) -> tuple[dict[str, torch.Tensor], Any]:
-    """``transform.update(updates, state, params, grads)``; inside :func:`donating`, a transform
-    not marked :func:`in_place_safe` runs with donation suspended, and every temporary is
-    forgotten after it (how :func:`~adam_mini_tx.chain` calls its members)."""
+def run_update(transform: Any, updates: dict[str, torch.Tensor], state: Any,
+               params: dict[str, torch.Tensor] | None, grads: dict[str, torch.Tensor] | None,
+               extra_args: Mapping[str, Any] | None = None) -> tuple[dict[str, torch.Tensor], Any]:
+    """``transform.update(updates, state, params, grads, **extra_args)`` (a
+    :class:`~adam_mini_tx.GradientTransformation`); inside :func:`donating`, a transform not
+    marked :func:`in_place_safe` runs with donation suspended, and every temporary is forgotten
+    after it (how :func:`~adam_mini_tx.chain` calls its members)."""
+    extra_args = extra_args or {}
     if getattr(transform.update, "in_place_safe", False) or _temporaries() is None:
-        return transform.update(updates, state, params, grads)
+        return transform.update(updates, state, params, grads, **extra_args)
     token = _TEMPORARIES.set(None)
     try:
-        result = transform.update(updates, state, params, grads)
+        result = transform.update(updates, state, params, grads, **extra_args)
     finally:
         _TEMPORARIES.reset(token)
     forget()

@@ -2,6 +2,9 @@
 
 ``nonfinite_guard(inner, policy)`` wraps any transform:
 
+The gradient checked is the raw one that entered the enclosing chain (``grads``), and the inner
+transform receives it (and any ``extra_args``) as a chain member would.
+
 * ``"skip"``: if any gradient element is NaN or Inf, the updates are zero and the inner state is
   left exactly as it was (step counts included); ``state.skipped`` counts such steps. Pure: the
   choice is a ``torch.where``, so it works under ``torch.compile`` and ``vmap``.
@@ -16,7 +19,7 @@ from typing import Any, NamedTuple
 import torch
 from torch.utils._pytree import tree_map
 
-from .base import GradientTransformation, Params
+from .base import GradientTransformation, Params, takes_extra_args
 
 POLICIES = ("skip", "raise", "apply")
 
@@ -52,16 +55,19 @@ def nonfinite_guard(inner: GradientTransformation, policy: str = "skip") -> Grad
     """Apply a non-finite-gradient ``policy`` (``"skip"``, ``"raise"`` or ``"apply"``) around
     ``inner``; the state is ``NonFiniteState(inner, skipped)`` (see the module docstring)."""
     check_policy(policy)
+    inner_takes_extra = takes_extra_args(inner)
 
     def init(params: Params) -> NonFiniteState:
         return NonFiniteState(inner.init(params), torch.zeros((), dtype=torch.int64))
 
-    def update(updates, state, params=None, grads=None):
-        finite = all_finite(updates)
+    def update(updates, state, params=None, grads=None, **extra_args):
+        gradient = updates if grads is None else grads
+        finite = all_finite(gradient)
         if policy == "raise" and not bool(finite):
-            raise FloatingPointError(f"non-finite gradient in {nonfinite_names(updates)}; "
+            raise FloatingPointError(f"non-finite gradient in {nonfinite_names(gradient)}; "
                                      f"the step was not applied")
-        new_updates, new_inner = inner.update(updates, state.inner, params)
+        new_updates, new_inner = inner.update(updates, state.inner, params, grads,
+                                              **(extra_args if inner_takes_extra else {}))
         skipped = state.skipped + (~finite).to(torch.int64)
         if policy == "skip":
             keep = lambda new, old: torch.where(finite, new, old)  # noqa: E731

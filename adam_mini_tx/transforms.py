@@ -12,7 +12,8 @@ from typing import Callable, Mapping, NamedTuple, Union
 import torch
 
 from .base import (EmptyState, GradientTransformation, Params, ScalarOrSchedule, Updates,
-                   check_number, check_same_keys, check_same_structure, resolve, to_dtype)
+                   check_number, check_same_keys, check_same_structure, resolve,
+                   takes_extra_args, to_dtype)
 from .blocks import BlockLayout
 from .donation import donated, empty_temporary, fresh, in_place_or_new, in_place_safe, run_update
 from .plan import BlockPlan, plan_blocks
@@ -116,7 +117,7 @@ def momentum(b1: float | torch.Tensor = 0.9, *, nesterov: bool = False,
                                              for n, p in params.items()})
 
     @in_place_safe
-    def update(updates, state, params=None, grads=None):
+    def update(updates, state, params=None, grads=None, **extra_args):
         check_same_structure(state.mu, updates, "updates", "momentum state")
         count = state.count + 1
         lerp = torch.Tensor.lerp_ if donated() else torch.Tensor.lerp  # donated: m in place
@@ -197,6 +198,10 @@ def blockwise_mean_square(b2: float | torch.Tensor = 0.999, plan: PlanLike = Non
     ``g`` is the raw gradient that entered the chain; ``u`` is what reaches this transform (the
     momentum, in Adam-mini). State: one scalar per block. ``plan=None`` plans the blocks from the
     parameter names and shapes (``plan_kwargs`` such as ``n_heads`` go to :func:`plan_blocks`).
+    The statistic is accumulated in at least fp32 (:meth:`BlockLayout.row_sums_of_squares`),
+    and ``(1 - b2) mean(g*g)`` is formed in that precision before it meets ``v``'s dtype.
+    ``update(..., row_sums={name: sums})`` takes a parameter's row sums of squares computed
+    earlier (by a statistics pass) instead of reading ``g`` for them.
     """
     check_number("b2", b2, 0.0, 1.0)
     check_number("eps", eps, 0.0)
@@ -209,7 +214,7 @@ def blockwise_mean_square(b2: float | torch.Tensor = 0.999, plan: PlanLike = Non
             name: _state_like(p, layouts[name].v_shape, state_dtype) for name, p in params.items()})
 
     @in_place_safe
-    def update(updates, state, params=None, grads=None):
+    def update(updates, state, params=None, grads=None, *, row_sums=None, **extra_args):
         grads = updates if grads is None else grads
         check_same_keys(state.nu, updates, "updates", "second-moment state")
         check_same_structure(updates, grads, "grads", "updates")
@@ -227,13 +232,16 @@ def blockwise_mean_square(b2: float | torch.Tensor = 0.999, plan: PlanLike = Non
         nu, out = {}, {}
         for name, v in state.nu.items():
             layout = layouts[name]
-            g = to_dtype(grads[name], v.dtype)
-            new_square = layout.mean_square(g) * _as_weight(1 - b2, v)
+            sums = row_sums.get(name) if row_sums else None
+            if sums is None:
+                sums = layout.row_sums_of_squares(grads[name], v.dtype)
+            new_square = to_dtype(layout.blocks_from_row_sums(sums) * _as_weight(1 - b2, sums),
+                                  v.dtype)
             v = (v.mul_(_as_weight(b2, v)).add_(new_square) if in_place
                  else v * _as_weight(b2, v) + new_square)
             nu[name] = v
             denominator = _root_of_corrected(v, *corrections, eps_root) + _as_weight(eps, v)
-            if denominator.numel() < g.numel():  # one value per block, broadcast over the block
+            if denominator.numel() < grads[name].numel():  # one value per block, broadcast
                 denominator = _computed_once(denominator)
             update = to_dtype(updates[name], v.dtype)
             if update is not updates[name]:  # a cast made here is a temporary too
@@ -264,7 +272,7 @@ def decoupled_decay(weight_decay: ScalarOrSchedule = 1e-2) -> GradientTransforma
         return CountState(_zero_count())
 
     @in_place_safe
-    def update(updates, state, params=None, grads=None):
+    def update(updates, state, params=None, grads=None, **extra_args):
         if params is None:
             raise ValueError("decoupled_decay needs params: call update(grads, state, params)")
         check_same_structure(updates, params, "params", "updates")
@@ -293,7 +301,7 @@ def scale_by_lr(lr: ScalarOrSchedule = 1e-3) -> GradientTransformation:
         return CountState(_zero_count())
 
     @in_place_safe
-    def update(updates, state, params=None, grads=None):
+    def update(updates, state, params=None, grads=None, **extra_args):
         count = state.count + 1
         rate = resolve(lr, count)
         return ({name: in_place_or_new(u, "mul", _as_weight(-rate, u))
@@ -313,7 +321,7 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
         return EmptyState()
 
     @in_place_safe
-    def update(updates, state, params=None, grads=None):
+    def update(updates, state, params=None, grads=None, **extra_args):
         if not updates:
             return updates, state
         # accumulated in float64 without a float64 copy of any tensor
@@ -357,17 +365,20 @@ def partition(transforms: Mapping[str, GradientTransformation],
             by_label[label].append(name)
         return by_label
 
+    takes_extra = {label: takes_extra_args(t) for label, t in transforms.items()}
+
     def init(params: Params) -> PartitionState:
         return PartitionState({label: transforms[label].init(select(params, names))
                                for label, names in groups(params).items()})
 
     @in_place_safe
-    def update(updates, state, params=None, grads=None):
+    def update(updates, state, params=None, grads=None, **extra_args):
         out, inner = {}, {}
         for label, names in groups(params if params is not None else updates).items():
             new, inner[label] = run_update(
                 transforms[label], select(updates, names), state.inner[label],
-                select(params, names), select(grads, names))
+                select(params, names), select(grads, names),
+                extra_args if takes_extra[label] else None)
             out.update(new)
         return {name: out[name] for name in updates}, PartitionState(inner)
 

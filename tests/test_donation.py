@@ -12,6 +12,8 @@ import adam_mini_tx as amx
 from adam_mini_tx import blocks
 from adam_mini_tx.donation import (Workspace, donated_update, donating, empty_temporary, fresh,
                                    in_place_or_new)
+from adam_mini_tx.optim.backends import eager as eager_backend
+from adam_mini_tx.optim.members import Member
 from test_oracles import TinyLlama, gradient_sequence, initial_params, run_functional
 from test_optim import HEADS, feed
 
@@ -125,7 +127,7 @@ def test_in_place_only_for_registered_temporaries_of_matching_shape_and_dtype():
 def test_eager_step_over_row_pieces_equals_the_functional_core_bit_for_bit(monkeypatch):
     """With tiny chunks every parameter whose blocks are rows is cut into pieces of 2 rows; the
     optimizer still equals the pure chain, and counts each parameter's steps once."""
-    monkeypatch.setattr(amx.eager, "CHUNK_ELEMENTS", 64)
+    monkeypatch.setattr(eager_backend, "CHUNK_ELEMENTS", 64)
     torch.manual_seed(0)
     model = TinyLlama()
     params = initial_params(model)
@@ -134,10 +136,10 @@ def test_eager_step_over_row_pieces_equals_the_functional_core_bit_for_bit(monke
     opt = amx.AdamMini(model.named_parameters(), **hyper, **HEADS)
     embedding = model.embed_tokens.weight
     embedding.grad = torch.zeros_like(embedding)
-    pieces = amx.eager.row_pieces("embed_tokens.weight", embedding,
-                                  {"step": torch.tensor(0), "m": torch.zeros(48, 32),
-                                   "v": torch.zeros(48)}, dict(opt._layout_map()))
-    assert len(pieces) == 24 and pieces[0].name == "embed_tokens.weight[0:2]"
+    slots = {"step": torch.tensor(0), "m": torch.zeros(48, 32), "v": torch.zeros(48)}
+    pieces = eager_backend.row_pieces(Member("embed_tokens.weight", embedding, embedding.grad,
+                                             slots), opt.plan["embed_tokens.weight"].layout)
+    assert len(pieces) == 24 and pieces[0][0].name == "embed_tokens.weight[0:2]"
     ours = feed(model, opt, grads_seq)
     ref = run_functional(amx.adam_mini(**hyper, **HEADS), params, grads_seq)
     for k in params:
@@ -150,7 +152,7 @@ def test_eager_step_over_row_pieces_equals_the_functional_core_bit_for_bit(monke
 def test_only_whole_blocks_along_the_first_axis_are_cut_into_pieces(monkeypatch):
     """Rows and runs of rows (heads) along the first axis are cut at block boundaries; a
     transposed Conv1D weight and fused QKV rows (runs of several lengths) stay whole."""
-    monkeypatch.setattr(amx.eager, "CHUNK_ELEMENTS", 1024)
+    monkeypatch.setattr(eager_backend, "CHUNK_ELEMENTS", 1024)
     layouts = {"c_attn.weight": blocks.per_row((64, 96), transposed=True),
                "qkv_proj.weight": blocks.fused_rows((96, 64), [("q", 4), ("k", 2), ("v", 32)]),
                "q_proj.weight": blocks.per_head((96, 64), 4),
@@ -162,11 +164,12 @@ def test_only_whole_blocks_along_the_first_axis_are_cut_into_pieces(monkeypatch)
         param.grad = torch.randn_like(param)
         state = {"step": torch.tensor(0), "m": torch.zeros(layout.shape),
                  "v": torch.arange(float(math.prod(layout.v_shape))).reshape(layout.v_shape)}
-        pieces = amx.eager.row_pieces(name, param, state, layouts)
-        assert [piece.param.shape[0] for piece in pieces] == expected[name], name
+        pieces = eager_backend.row_pieces(Member(name, param, param.grad, state), layout)
+        assert [piece.param.shape[0] for piece, _ in pieces] == expected[name], name
         if name == "q_proj.weight":  # each piece holds its own head's second moment
-            assert [piece.state["v"].tolist() for piece in pieces] == [[0.0], [1.0], [2.0], [3.0]]
-            assert layouts[pieces[1].name].runs == ((24, 1),)
+            assert [piece.state["v"].tolist() for piece, _ in pieces] == [[0.0], [1.0], [2.0],
+                                                                          [3.0]]
+            assert pieces[1][1].runs == ((24, 1),)
 
 
 def test_eager_check_reads_the_statistics_the_chain_then_takes():
@@ -215,7 +218,7 @@ def test_eager_check_reads_the_statistics_the_chain_then_takes():
 def test_given_statistics_equal_the_chains_own_over_pieces(monkeypatch, dtype, state_dtype):
     """The check's statistics pass (row sums in v's dtype) and the chain's own statistic are the
     same numbers: "skip" and "apply" steps agree bit for bit, over row pieces too."""
-    monkeypatch.setattr(amx.eager, "CHUNK_ELEMENTS", 256)
+    monkeypatch.setattr(eager_backend, "CHUNK_ELEMENTS", 256)
     torch.manual_seed(0)
     models = [TinyLlama().to(dtype) for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())

@@ -8,6 +8,8 @@ from torch._dynamo.utils import counters
 from torch.profiler import ProfilerActivity, profile
 
 import adam_mini_tx as amx
+from adam_mini_tx.optim.hyperparams import read_hyperparameters
+from adam_mini_tx.optim.members import Member
 from test_oracles import TinyLlama, gradient_sequence, initial_params
 
 HEADS = dict(n_heads=4, n_kv_heads=2)
@@ -158,10 +160,10 @@ def test_per_block_denominator_computed_once_keeps_values_and_gradients():
 
 
 def test_buckets_split_near_equally_and_keep_the_order():
-    from adam_mini_tx.fused import _near_equal_split
+    from adam_mini_tx.optim.backends.compiled import near_equal_split
     for n in range(1, 40):
         items = list(range(n))
-        lists = _near_equal_split(items, 8)
+        lists = near_equal_split(items, 8)
         lengths = [len(part) for part in lists]
         assert sum(lists, []) == items
         assert max(lengths) <= 8 and max(lengths) - min(lengths) <= 1
@@ -180,13 +182,14 @@ def test_rounds_hold_the_i_th_bucket_of_every_layout_and_a_failing_round_counts_
         p.grad = torch.randn_like(p)
     opt = amx.AdamMini(model.named_parameters(), lr=1e-2, fused=True, nonfinite="apply", **HEADS)
     opt.step()
-    fused = next(chain.fused for chain in opt._chains if chain.fused is not None)
-    names = {p: name for name, p in named.items()}
-    rounds = fused._rounds([(names[p], p, opt.state[p]) for p in opt.param_groups[0]["params"]])
+    fused = opt._backends[1]
+    hyper = read_hyperparameters(opt.param_groups[0], "")
+    members = [Member(name, p, p.grad, opt.state[p]) for name, p in named.items()]
+    rounds = fused.prepare(members, opt.plan.layouts(), hyper).rounds
     # round (1, 0): every layout that fits one bucket; rounds (2, 0) and (2, 1): the first and
     # the second bucket of the gate/up weights and of the norms
     assert len(rounds) == 3
-    first, middle, last = ([name for bucket in buckets for name, _, _ in bucket]
+    first, middle, last = ([member.name for bucket in buckets for member in bucket]
                            for _, _, buckets in rounds)
     assert sorted(first + middle + last) == sorted(named)
     assert [kind[:-1] for kind in rounds[1][1]] == [kind[:-1] for kind in rounds[2][1]]
@@ -196,10 +199,10 @@ def test_rounds_hold_the_i_th_bucket_of_every_layout_and_a_failing_round_counts_
     assert sorted(last) == sorted(late_norms + ["norm.weight", "layers.2.mlp.up_proj.weight"]
                                     + late_mlp)
 
-    def fail(args, sums):
+    def fail(scalars, args, sums):
         raise RuntimeError("kernel failed")
 
-    fused._compiled[(rounds[2][1], False)] = fail
+    fused._apply_fns[(rounds[2][1], False)] = fail
     before = {name: (p.detach().clone(), int(opt.state[p]["step"])) for name, p in named.items()}
     with pytest.raises(RuntimeError, match="kernel failed"):
         opt.step()

@@ -9,6 +9,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 import adam_mini_tx as amx
+from adam_mini_tx.optim.backends import eager as eager_backend
 from test_oracles import TinyLlama, gradient_sequence, initial_params, run_functional
 
 HEADS = dict(n_heads=4, n_kv_heads=2)
@@ -160,7 +161,7 @@ def test_a_step_allocates_no_temporary_of_the_models_size():
     chunk (they are cut into row pieces). Computing all updates at once (torch's foreach AdamW)
     needs the whole model's size."""
     width, layers = 2048, 4
-    chunk_bytes = amx.eager.CHUNK_ELEMENTS * 4
+    chunk_bytes = eager_backend.CHUNK_ELEMENTS * 4
     param_bytes, model_bytes = width * width * 4, layers * width * width * 4
     assert param_bytes > chunk_bytes
     transient, kept = step_memory(lambda m: amx.AdamMini(m.named_parameters(), weight_decay=0.1),

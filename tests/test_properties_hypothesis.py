@@ -9,6 +9,8 @@ from hypothesis import strategies as st
 import adam_mini_tx as amx
 from adam_mini_tx import blocks
 from adam_mini_tx.guards import all_finite
+from adam_mini_tx.optim.backends import eager as eager_backend
+from adam_mini_tx.optim.members import Member
 
 MAX_EXAMPLES = 220
 SETTINGS = settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=True)
@@ -185,18 +187,19 @@ def test_donated_steps_over_row_pieces_equal_pure_steps(spec, dtype, seed, h, ch
     param = rand(shape, seed, dtype)
     state = tx.init(pure)
     slots = {"step": state[0].count, "m": state[0].mu["w"].clone(), "v": state[1].nu["w"].clone()}
-    old = amx.eager.CHUNK_ELEMENTS
+    old = eager_backend.CHUNK_ELEMENTS
     for t in range(3):
         grad = rand(shape, seed + 1 + t, dtype)
         updates, state = tx.update({"w": grad}, state, pure)
         pure = amx.apply_updates(pure, updates)
         param.grad = grad
         try:
-            amx.eager.CHUNK_ELEMENTS = chunk
-            pieces = amx.eager.row_pieces("w", param, slots, plan)  # the plan tx reads
+            eager_backend.CHUNK_ELEMENTS = chunk
+            pieces = eager_backend.row_pieces(Member("w", param, grad, slots), layout)
         finally:
-            amx.eager.CHUNK_ELEMENTS = old
-        for piece in pieces:
+            eager_backend.CHUNK_ELEMENTS = old
+        for piece, piece_layout in pieces:
+            plan[piece.name] = piece_layout  # the plan tx reads
             new, new_slots = donated_chain_step(tx, piece)
             piece.param.add_(new[piece.name].to(dtype))
         slots["step"] = new_slots[piece.name]["step"]
@@ -209,7 +212,7 @@ def test_donated_steps_over_row_pieces_equal_pure_steps(spec, dtype, seed, h, ch
 
 def donated_chain_step(tx, piece):
     from adam_mini_tx.donation import donating
-    from adam_mini_tx.fused import chain_step
+    from adam_mini_tx.optim.state import chain_step
 
     with donating():
         return chain_step(tx, {piece.name: piece.param}, {piece.name: piece.grad},

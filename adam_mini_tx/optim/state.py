@@ -1,0 +1,64 @@
+"""The optimizer's per-parameter state and how the functional chain sees it.
+
+``optimizer.state[p]`` holds three stable keys (:data:`STATE_KEYS`):
+
+* ``"step"``: a 0-d int64 tensor, the steps this parameter has taken (its own tensor: the
+  optimizer bumps every stepped parameter's count once, at the end of a step);
+* ``"m"``: the first moment, the parameter's shape;
+* ``"v"``: the blockwise second moment, one value per block (``layout.v_shape``).
+
+:func:`chain_step` is the bridge to the pure :func:`~adam_mini_tx.adam_mini` chain: it turns the
+slots of parameters that share a step count into the chain's state and back. Every backend runs
+the math through it.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from ..alias import adam_mini, adam_mini_slots, adam_mini_state_from_slots
+from ..base import GradientTransformation
+from ..blocks import BlockLayout
+
+STATE_KEYS = ("step", "m", "v")
+"""The keys of ``optimizer.state[p]`` (see the module docstring)."""
+
+Slots = dict[str, torch.Tensor]
+
+
+def new_slots(name: str, param: torch.Tensor, layout: BlockLayout,
+              state_dtype: torch.dtype | None) -> Slots:
+    """Fresh ``{"step": 0, "m": 0, "v": 0}`` for one parameter, made by the chain's ``init``."""
+    tx = adam_mini(plan={name: layout}, state_dtype=state_dtype)
+    return adam_mini_slots(tx.init({name: param}), name)
+
+
+def chain_step(tx: GradientTransformation, params: Mapping[str, torch.Tensor],
+               grads: Mapping[str, torch.Tensor], slots: Mapping[str, Mapping[str, torch.Tensor]],
+               row_sums: Mapping[str, torch.Tensor] | None = None
+               ) -> tuple[dict[str, torch.Tensor], dict[str, Slots]]:
+    """One step of the chain ``tx`` for ``params`` (which share one step count). Returns
+    ``(updates, new_slots)``: ``p_new = p + updates[name]`` and the new ``{"step", "m", "v"}``.
+    ``row_sums`` (name -> row sums of squares) are the statistics of a pass made earlier.
+    Pure unless run with donated buffers (:func:`~adam_mini_tx.donation.donating`)."""
+    updates, state = tx.update(dict(grads), adam_mini_state_from_slots(dict(slots)), dict(params),
+                               row_sums=row_sums)
+    return updates, {name: adam_mini_slots(state, name) for name in params}
+
+
+def bump_steps(steps: Sequence[torch.Tensor]) -> None:
+    """``step += 1`` for every given step count (distinct tensors), in one call."""
+    if steps:
+        torch._foreach_add_(list(steps), 1)
+
+
+def own_copy(value: Any, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A state value loaded from a checkpoint as a tensor with its own storage on ``device``
+    (a Python-int step becomes a 0-d int64 tensor)."""
+    if not isinstance(value, torch.Tensor):
+        return torch.tensor(value, dtype=torch.int64)
+    return value.to(device=device, dtype=dtype or value.dtype, copy=True)
+
+
+__all__ = ["STATE_KEYS", "Slots", "new_slots", "chain_step", "bump_steps", "own_copy"]
