@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 import adam_mini_tx as amx
-from adam_mini_tx.plan import warn_fallbacks
 from adam_mini_tx.registry import FAMILIES, dims_from_config
 
 transformers = pytest.importorskip("transformers")
@@ -167,7 +166,7 @@ def test_gpt2_mlp_without_its_c_attn_is_flagged_not_guessed_silently():
 
 def warn_and_plan(named, **dims):
     plan = amx.plan_blocks(named, **dims)
-    warn_fallbacks(plan)
+    amx.warn_fallbacks(plan)
     return plan
 
 
@@ -223,24 +222,3 @@ def test_unnamed_convolutions_warn_or_ask_for_the_model():
     assert plan["2.weight"].num_blocks == 8 and reference["2.weight"].num_blocks == 4
     with pytest.raises(ValueError, match=r"'0\.weight'.*Conv1d.*expert.*plan=model"):
         amx.AdamMini(nn.Sequential(nn.Conv1d(3, 8, 3)).named_parameters())
-
-
-def test_fallback_lines_and_the_one_warning():
-    class Odd(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.mystery = nn.Parameter(torch.zeros(6, 5))
-            self.scale = nn.Parameter(torch.ones(5))
-            self.proj = nn.Linear(5, 7)
-
-    plan = amx.plan_blocks(Odd())
-    lines = plan.fallback_lines()
-    assert len(lines) == 2 and lines[0].startswith("mystery (6, 5): o i -> o, 6 blocks (")
-    assert all(line in plan.table() for line in lines)
-    with pytest.warns(UserWarning) as caught:
-        assert warn_fallbacks(plan) is True
-    assert len(caught) == 1 and caught[0].filename == __file__
-    assert all(line in str(caught[0].message) for line in lines)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert warn_fallbacks(amx.plan_blocks(nn.Linear(5, 7))) is False
