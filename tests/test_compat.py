@@ -325,3 +325,15 @@ def test_llama_factory_construction_on_hf_gpt2():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_model_settles_what_names_cannot():
+    """A 3-D weight named ``0.weight`` may be a Conv1d or stacked experts: names alone give an
+    error that says to pass the model; with ``model=`` it is planned per output channel."""
+    model = nn.Sequential(nn.Conv1d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 4, 5))
+    with pytest.raises(ValueError, match=r"'0\.weight'.*model= to Adam_mini"):
+        amx.Adam_mini(model.named_parameters(), verbose=False)
+    opt = amx.Adam_mini(model.named_parameters(), verbose=False, model=model)
+    assert opt.plan["0.weight"].num_blocks == 8 and not opt.plan.fallbacks
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        amx.Adam_mini(model.named_parameters(), verbose=False, model=model.state_dict())
