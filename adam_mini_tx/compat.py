@@ -17,8 +17,9 @@ Fixed:
 * blocks come from the planner. q/k get one block per head from ``n_heads`` / ``n_kv_heads``
   (the official cuts ``view(-1, dim * dim / n_heads)``: it crashes when ``dim`` is left at its
   default on a model of another width, and cuts heads in pieces when ``head_dim * n_heads != dim``;
-  ``dim`` only sizes the heads of a tensor that a changed ``wqk_names`` sends there). Names are matched by whole components, and architectures the
-  official crashes on (BERT, ViT, T5, GPT-NeoX, 3-D experts) are planned from their shapes;
+  ``dim`` only sizes the heads of a tensor that a changed ``wqk_names`` sends there). Names
+  are matched by whole components, and architectures the official crashes on (BERT, ViT, T5,
+  GPT-NeoX, 3-D experts) are planned from their shapes;
 * it logs the block table (``logging.getLogger("adam_mini_tx")``) instead of printing;
 * one param group for all tensors instead of one per tensor (``betas`` instead of ``beta1`` /
   ``beta2`` keys), state keys ``step`` / ``m`` / ``v`` with a 0-d tensor step, checkpoints checked
