@@ -178,8 +178,8 @@ class Adam_mini(AdamMini):  # noqa: N801 - the official package's name
         if category == "whole":
             return blocks.single_block(shape)
         if len(shape) < 2:
-            raise ValueError(f"parameter {entry.name!r} {shape} matches {why}, so the official rule "
-                             f"blocks it per {'head' if category == 'heads' else 'row'}, which "
+            raise ValueError(f"parameter {entry.name!r} {shape} matches {why}, so the official "
+                             f"rule blocks it per {'head' if category == 'heads' else 'row'}, which "
                              f"needs >= 2 dims (the official package fails at its first step): "
                              f"make the name fragment more specific")
         if category == "rows":

@@ -185,9 +185,10 @@ def warn_fallbacks(plan: BlockPlan, stacklevel: int = 1) -> bool:
     ``warnings.warn`` (1: the line that called it)."""
     lines = plan.fallback_lines()
     if lines:
-        warnings.warn(f"Adam-mini placed {len(lines)} parameter(s) by fallback; check their blocks, "
-                      f"or plan from the model (plan=model to AdamMini, model= to Adam_mini) or "
-                      f"add rules:\n  " + "\n  ".join(lines), UserWarning, stacklevel=stacklevel + 1)
+        warnings.warn(f"Adam-mini placed {len(lines)} parameter(s) by fallback; check their "
+                      f"blocks, or plan from the model (plan=model to AdamMini, model= to "
+                      f"Adam_mini) or add rules:\n  " + "\n  ".join(lines), UserWarning,
+                      stacklevel=stacklevel + 1)
     return bool(lines)
 
 
