@@ -179,8 +179,9 @@ class Adam_mini(AdamMini):  # noqa: N801 - the official package's name
             return blocks.single_block(shape)
         if len(shape) < 2:
             raise ValueError(f"parameter {entry.name!r} {shape} matches {why}, so the official "
-                             f"rule blocks it per {'head' if category == 'heads' else 'row'}, which "
-                             f"needs >= 2 dims (the official package fails at its first step): "
+                             f"rule blocks it per {'head' if category == 'heads' else 'row'}, "
+                             f"which needs >= 2 dims (the official package fails at its first "
+                             f"step): "
                              f"make the name fragment more specific")
         if category == "rows":
             return blocks.per_row(shape)
