@@ -337,3 +337,15 @@ def test_model_settles_what_names_cannot():
     assert opt.plan["0.weight"].num_blocks == 8 and not opt.plan.fallbacks
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         amx.Adam_mini(model.named_parameters(), verbose=False, model=model.state_dict())
+
+
+def test_a_name_set_that_sends_a_vector_to_rows_is_refused_naming_it():
+    """The official crashes at its first step on a 1-D tensor in a per-row set; the drop-in says
+    which tensor and which entry."""
+    model = TinyLlama()
+    opt = amx.Adam_mini(model.named_parameters(), dim=32, **HEADS, verbose=False)
+    opt.mlp_names.add("norm")
+    with pytest.raises(ValueError, match=r"'layers\.0\.input_layernorm\.weight'.*mlp_names entry "
+                                         r"'norm'.*needs >= 2 dims"):
+        feed(model, opt, gradient_sequence(initial_params(model), 1))
+    assert not any(opt.state.values())  # nothing was stepped
