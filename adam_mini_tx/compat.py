@@ -114,6 +114,9 @@ class Adam_mini(AdamMini):  # noqa: N801 - the official package's name
             setattr(self, key, set(default))
         self._base_plan = self.plan
         self._planned_knobs = self._knobs()
+        # a step pre-hook, not a step() override: torch wraps each class's step() with its hooks,
+        # so an override calling AdamMini.step would run the user's step hooks twice
+        self.register_step_pre_hook(_replan_before_step)
         if verbose:
             self._log_plan()
 
@@ -198,13 +201,11 @@ class Adam_mini(AdamMini):  # noqa: N801 - the official package's name
         extra = (*OFFICIAL_NAME_SETS, "_base_plan", "_planned_knobs", "verbose")
         return {**super().__getstate__(), **{key: getattr(self, key) for key in extra}}
 
-    # ----- the step and checkpoints -------------------------------------------------------------
-    @torch.no_grad()
-    def step(self, closure=None):
-        """One step (see :class:`~adam_mini_tx.AdamMini`), after applying changed name sets."""
-        self._replan_for_knobs()
-        return super().step(closure)
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)  # step hooks are not pickled: register ours again
+        self.register_step_pre_hook(_replan_before_step)
 
+    # ----- checkpoints ---------------------------------------------------------------------------
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Load a checkpoint of this class, or of the official package (converted by
         :meth:`convert_official_state_dict`)."""
@@ -267,6 +268,11 @@ class Adam_mini(AdamMini):  # noqa: N801 - the official package's name
                           f"{mine.num_blocks} here ({mine.pattern})")
         return {"step": torch.tensor(int(slots["step"]), dtype=torch.int64),
                 "m": slots["m"].reshape(param.shape), "v": v.reshape(mine.v_shape)}, ""
+
+
+def _replan_before_step(optimizer: Adam_mini, args: Any, kwargs: Any) -> None:
+    """Step pre-hook: apply changed name sets before the step (an error once there is state)."""
+    optimizer._replan_for_knobs()
 
 
 def _cuts(layout: BlockLayout) -> tuple:

@@ -257,13 +257,19 @@ def test_a_name_set_must_be_a_set_of_strings():
         feed(model, opt, gradient_sequence(initial_params(model), 1))
 
 
-def test_name_sets_survive_a_deepcopy():
+def test_name_sets_survive_a_deepcopy_and_step_hooks_run_once():
     import copy
     model = TinyLlama()
+    amx.AdamMini(model.named_parameters(), **HEADS)  # torch wraps AdamMini.step with hooks too
     opt = amx.Adam_mini(model.named_parameters(), dim=32, **HEADS, verbose=False)
-    opt.wv_names = set()
     clone = copy.deepcopy(opt)
-    assert clone.wv_names == set() and clone._planned_knobs == opt._planned_knobs
+    clone.wv_names = set()
+    calls = []
+    clone.register_step_post_hook(lambda *args: calls.append(1))
+    feed(model, clone, gradient_sequence(initial_params(model), 1))
+    assert clone.plan["layers.0.self_attn.v_proj.weight"].num_blocks == 1  # re-planned
+    assert opt.plan["layers.0.self_attn.v_proj.weight"].num_blocks == 16  # the original is not
+    assert calls == [1]
 
 
 # ----- official checkpoints -------------------------------------------------------------------
