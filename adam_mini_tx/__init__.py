@@ -6,7 +6,7 @@ from .compat import Adam_mini
 from .donation import donated_update
 from .guards import nonfinite_guard
 from .optim import AdamMini
-from .plan import BlockPlan, ParamBlocks, plan_blocks
+from .plan import BlockPlan, ParamBlocks, plan_blocks, warn_fallbacks
 from .transforms import (blockwise_mean_square, clip_by_global_norm, decoupled_decay, momentum,
                          partition, safe_sqrt, scale_by_lr)
 
@@ -21,6 +21,6 @@ __all__ = [
     "donated_update",
     "GradientTransformation", "safe_sqrt", "decay_matrices_only", "elementwise_plan",
     # block layouts and plans
-    "plan_blocks", "BlockPlan", "ParamBlocks",
+    "plan_blocks", "BlockPlan", "ParamBlocks", "warn_fallbacks",
     "BlockLayout", "elementwise", "single_block", "per_row", "per_head", "fused_rows",
 ]

@@ -33,8 +33,10 @@ from torch import nn
 
 from . import blocks
 from .blocks import BlockLayout
-from .registry import (FusedQKV, ModelDims, dims_from_config, fused_qkv_style, is_lora,
-                       module_components, role_from_components)
+from .registry import (CONV_HINTS, GPT2_NAMES, MHA_ATTRS, PER_GROUP, STACKED,
+                       STACKED_QKV_NAMES, TRANSPOSED_CONV_HINTS, FusedQKV, ModelDims,
+                       dims_from_config, fused_qkv_style, is_lora, module_components,
+                       role_from_components)
 
 LayoutSpec = Union[str, BlockLayout, Callable[[tuple[int, ...]], BlockLayout]]
 Rules = Union[Mapping[str, LayoutSpec], Sequence[tuple[str, LayoutSpec]], None]
@@ -51,6 +53,7 @@ class ParamBlocks:
     role: str
     source: str  # "rule" (user), "structure" (module type/config), "name", or "fallback"
     dtype: torch.dtype = torch.float32
+    note: str = ""  # for a fallback: what was assumed, and how to be sure
 
     @property
     def num_blocks(self) -> int:
@@ -107,6 +110,12 @@ class BlockPlan(Mapping[str, ParamBlocks]):
     def fallbacks(self) -> list[str]:
         return [entry.name for entry in self.entries if entry.source == "fallback"]
 
+    def fallback_lines(self) -> list[str]:
+        """One line per tensor placed by fallback: its name, its blocks and what was assumed."""
+        return [f"{e.name} {tuple(e.shape)}: {e.layout.pattern}, {e.num_blocks:,} blocks"
+                + (f" ({e.note})" if e.note else "")
+                for e in self.entries if e.source == "fallback"]
+
     @property
     def num_blocks(self) -> int:
         return sum(entry.num_blocks for entry in self.entries)
@@ -136,8 +145,10 @@ class BlockPlan(Mapping[str, ParamBlocks]):
                f"{self.num_blocks:,} (AdamW: {self.numel:,})",
                f"optimizer state: {_bytes(self.state_bytes)} vs AdamW {_bytes(self.adamw_state_bytes)}"
                f" ({ratio:.3f}x)"]
-        if self.fallbacks:
-            out.append(f"fallbacks (no structural match; check these): {', '.join(self.fallbacks)}")
+        fallbacks = self.fallback_lines()
+        if fallbacks:
+            out.append("fallbacks (no structural match; check these):")
+            out.extend(f"  {line}" for line in fallbacks)
         return "\n".join(out)
 
     def __str__(self) -> str:
@@ -168,6 +179,19 @@ class BlockPlan(Mapping[str, ParamBlocks]):
                 for e in self.entries}
 
 
+def warn_fallbacks(plan: BlockPlan, stacklevel: int = 1) -> bool:
+    """Issue one ``UserWarning`` listing ``plan.fallback_lines()``, if there are any; returns
+    whether it warned. ``stacklevel`` counts from the caller of this function, as for
+    ``warnings.warn`` (1: the line that called it)."""
+    lines = plan.fallback_lines()
+    if lines:
+        warnings.warn(f"Adam-mini placed {len(lines)} parameter(s) by fallback; check their "
+                      f"blocks, or plan from the model (plan=model to AdamMini, model= to "
+                      f"Adam_mini) or add rules:\n  " + "\n  ".join(lines), UserWarning,
+                      stacklevel=stacklevel + 1)
+    return bool(lines)
+
+
 def _bytes(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -195,16 +219,20 @@ def plan_blocks(model_or_named_params: NamedTensors, *, dim: int | None = None,
     dims = _explicit_dims(dims_from_config(config), n_heads, n_kv_heads, head_dim)
     style, style_known = fused_qkv_style(config)
     matcher = _RuleMatcher(rules)
+    items = _params_with_modules(model_or_named_params)
+    conv1d = _gpt2_conv1d(items)
     entries = []
-    for name, tensor, module in _params_with_modules(model_or_named_params):
+    for name, tensor, module in items:
         _check_plannable(name, tensor)
         shape = tuple(tensor.shape)
         spec = matcher.match(name)
         if spec is not None:
-            role, layout, source = "rule", _layout_from_spec(spec, name, shape, dims), "rule"
+            role, layout, source, note = ("rule", _layout_from_spec(spec, name, shape, dims),
+                                          "rule", "")
         else:
-            role, layout, source = _plan_param(name, shape, module, dims, style, style_known)
-        entries.append(ParamBlocks(name, shape, layout, role, source, tensor.dtype))
+            role, layout, source, note = _plan_param(name, shape, module, dims, style,
+                                                     style_known, conv1d)
+        entries.append(ParamBlocks(name, shape, layout, role, source, tensor.dtype, note))
     matcher.warn_unused()
     return BlockPlan(tuple(entries))
 
@@ -268,50 +296,140 @@ def _is_norm_module(module: nn.Module | None) -> bool:
     return module is not None and "norm" in type(module).__name__.lower()
 
 
+_PASS_MODEL = "pass plan=model to AdamMini (model= to Adam_mini) or a rule for it"
+
+
 def _plan_param(name: str, shape: tuple[int, ...], module: nn.Module | None, dims: ModelDims,
-                style: FusedQKV, style_known: bool) -> tuple[str, BlockLayout, str]:
-    """(role, layout, source) for one parameter from its module, name and shape."""
+                style: FusedQKV, style_known: bool, conv1d: bool | None
+                ) -> tuple[str, BlockLayout, str, str]:
+    """(role, layout, source, note) for one parameter from its module (None: names only), name
+    and shape; ``note`` says what a fallback assumed."""
     components, attr = module_components(name)
     structural = "structure" if module is not None else "name"
     if len(shape) == 0:
-        return "scalar", blocks.single_block(shape), structural
+        return "scalar", blocks.single_block(shape), structural, ""
     if is_lora(name):
-        return "lora", blocks.per_row(shape), structural
+        return "lora", blocks.per_row(shape), structural, ""
     if len(shape) == 1:
         if attr == "bias" or attr.endswith("_bias"):
-            return "bias", blocks.elementwise(shape), structural
+            return "bias", blocks.elementwise(shape), structural, ""
         if _is_norm_module(module) or _looks_like_norm(components + [attr]):
-            return "norm", blocks.single_block(shape), structural
-        return "vector", blocks.single_block(shape), "fallback"
+            return "norm", blocks.single_block(shape), structural, ""
+        return "vector", blocks.single_block(shape), "fallback", \
+            "one block: its name is neither a norm's nor a bias's"
     if isinstance(module, nn.MultiheadAttention):
-        return _multihead_attention(name, attr, shape, module)
+        return _multihead_attention(name, attr, shape, module.num_heads, "structure")
+    if module is None and attr in MHA_ATTRS:
+        return _multihead_attention(name, attr, shape, dims.n_heads, "name")
     if isinstance(module, nn.modules.conv._ConvNd):
-        return "conv", blocks.per_row(shape, axis=1 if module.transposed else 0), "structure"
+        return "conv", blocks.per_row(shape, axis=1 if module.transposed else 0), "structure", ""
     if isinstance(module, nn.Embedding):
-        return "embedding", blocks.per_row(shape, row_dims=len(shape) - 1), "structure"
-    transposed = module is not None and type(module).__name__ == "Conv1D" and len(shape) == 2
+        return "embedding", blocks.per_row(shape, row_dims=len(shape) - 1), "structure", ""
     path = components + ([attr] if attr not in ("weight", "bias") else [])
     role = role_from_components(path, len(shape))
     if role == "embedding":
-        return role, blocks.per_row(shape, row_dims=len(shape) - 1), "name"
+        return role, blocks.per_row(shape, row_dims=len(shape) - 1), "name", ""
     if len(shape) >= 3:
-        source = structural if any("expert" in c for c in path) else "fallback"
-        return "experts", blocks.per_row(shape, row_dims=len(shape) - 1), source
+        if any("expert" in c for c in path):
+            return "experts", blocks.per_row(shape, row_dims=len(shape) - 1), structural, ""
+        if module is None:
+            return _conv_by_name(name, shape, path)
+        return "experts", blocks.per_row(shape, row_dims=len(shape) - 1), "fallback", \
+            "assumed stacked expert weights (experts, out, in): one block per expert and row"
+    transposed, note = _transposed(shape, module, components, conv1d)
+    source = "fallback" if note else structural
     if role in ("query", "key"):
-        return role, _heads_layout(name, role, shape, dims, transposed), structural
+        return role, _heads_layout(name, role, shape, dims, transposed), source, note
     if role == "qkv":
-        layout = _fused_qkv_layout(name, shape, dims, style, transposed)
-        return role, layout, structural if style_known or module is None else "fallback"
+        if module is None or not style_known:  # no family known: the name may settle it
+            style, guessed = _qkv_style_by_name(path[-1], dims)
+            if guessed:
+                source, note = "fallback", note or guessed + (
+                    _PASS_MODEL if module is None else
+                    "add the model's family to registry.FAMILIES or a rule for it")
+            elif module is not None:
+                source = "name"
+        return role, _fused_qkv_layout(name, shape, dims, style, transposed), source, note
     if role is None:
-        known = isinstance(module, nn.Linear) or transposed
-        return "linear", blocks.per_row(shape, transposed=transposed), \
-            "structure" if known else "fallback"
-    return role, blocks.per_row(shape, transposed=transposed), structural
+        layout = blocks.per_row(shape, transposed=transposed)
+        if module is None:
+            return "linear", layout, "fallback", note or (
+                f"no role known from its name: one block per row, as for an nn.Linear (out, in); "
+                f"{_PASS_MODEL}")
+        if not (isinstance(module, nn.Linear) or transposed):
+            return "linear", layout, "fallback", "not an nn.Linear, and no role known from its " \
+                "name: one block per row; add a rule if its rows are not output neurons"
+        return "linear", layout, "structure", ""
+    return role, blocks.per_row(shape, transposed=transposed), source, note
+
+
+def _gpt2_conv1d(items: list[tuple[str, torch.Tensor, nn.Module | None]]) -> bool | None:
+    """Names only: whether GPT-2-named weights (``c_attn``, ``c_fc``, ``c_proj``) are HF
+    ``Conv1D`` (in, out) or ``nn.Linear`` (out, in). The fused ``c_attn`` tells: Conv1D (E, 3E)
+    is wide, Linear (3E, E) or (E + 2 kv d, E) tall. Without a c_attn, separate query
+    projections (StarCoder2's ``q_proj`` next to ``c_fc``) mean Linear: the Conv1D models fuse
+    QKV. None when nothing says it (or the c_attn weights disagree)."""
+    named = [(module_components(name)[0][-1:], tensor) for name, tensor, module in items
+             if module is None and tensor.dim() == 2]
+    votes = {tensor.shape[1] > tensor.shape[0] for last, tensor in named
+             if last == ["c_attn"] and tensor.shape[0] != tensor.shape[1]}
+    if not votes and any(role_from_components(last, 2) == "query" for last, _ in named):
+        return False
+    return votes.pop() if len(votes) == 1 else None
+
+
+def _transposed(shape: tuple[int, ...], module: nn.Module | None, components: list[str],
+                conv1d: bool | None) -> tuple[bool, str]:
+    """Whether a 2-D weight is stored (in, out), and a note when that is a guess."""
+    if module is not None:
+        return type(module).__name__ == "Conv1D", ""
+    if components[-1:] and components[-1] in GPT2_NAMES:
+        if conv1d is None:
+            return False, ("a GPT-2 name, but with no c_attn weight to show whether these are "
+                           f"HF Conv1D (in, out) or nn.Linear (out, in); assumed (out, in): "
+                           f"{_PASS_MODEL}")
+        return conv1d, ""
+    return False, ""
+
+
+def _qkv_style_by_name(fused_name: str, dims: ModelDims) -> tuple[FusedQKV, str]:
+    """The row order of a fused QKV weight from its name when the model's family is unknown:
+    (style, "" or what a guess assumed).
+    ``query_key_value`` is per head in GPT-NeoX / BLOOM / Falcon without GQA, stacked under
+    multi-query (Falcon: one KV group), per KV group under GQA (Falcon's new architecture;
+    ChatGLM stacks instead, hence a fallback there)."""
+    if fused_name in STACKED_QKV_NAMES:
+        return STACKED, ""
+    if fused_name == "query_key_value":
+        kv = dims.n_kv_heads or dims.n_heads
+        if kv in (1, dims.n_heads):
+            return PER_GROUP, ""
+        return PER_GROUP, ("assumed Falcon's per-KV-group row order [q.. k v] (ChatGLM stacks "
+                           "[q | k | v]): ")
+    return STACKED, (f"the row order of a fused {fused_name!r} depends on the model family; "
+                     f"assumed stacked [q | k | v]: ")
+
+
+def _conv_by_name(name: str, shape: tuple[int, ...], path: list[str]
+                  ) -> tuple[str, BlockLayout, str, str]:
+    """Names only, a >= 3-D tensor that is no expert weight: a convolution, one block per output
+    channel (axis 0; axis 1 for a transposed one, stored (in, out, ...)). A 3-D tensor with no
+    hint in its name may as well be stacked expert weights: an error."""
+    if any(hint in c for c in path for hint in TRANSPOSED_CONV_HINTS):
+        return "conv", blocks.per_row(shape, axis=1), "name", ""
+    if any(hint in c for c in path for hint in CONV_HINTS):
+        return "conv", blocks.per_row(shape), "name", ""
+    if len(shape) == 3:
+        raise ValueError(f"parameter {name!r} has shape {shape}: a Conv1d weight (out, in, k), a "
+                         f"ConvTranspose1d weight (in, out, k) or stacked expert weights (experts, "
+                         f"out, in), and its name does not say which; {_PASS_MODEL}")
+    return "conv", blocks.per_row(shape), "fallback", \
+        f"assumed a convolution weight (out, in, ...): one block per output channel; a " \
+        f"ConvTranspose weight (in, out, ...) is blocked by its axis 1: {_PASS_MODEL}"
 
 
 def _looks_like_norm(components: list[str]) -> bool:
-    return any("norm" in c or c in ("ln", "ln_f") or (c.startswith("ln_") and c[3:].isdigit())
-               for c in components)
+    return any("norm" in c or c == "ln" or c.startswith("ln_") for c in components)
 
 
 def _heads_layout(name: str, role: str, shape: tuple[int, ...], dims: ModelDims,
@@ -357,16 +475,28 @@ def _fused_qkv_layout(name: str, shape: tuple[int, ...], dims: ModelDims, style:
         raise ValueError(f"parameter {name!r}: {error}") from None
 
 
-def _multihead_attention(name: str, attr: str, shape: tuple[int, ...],
-                         module: nn.MultiheadAttention) -> tuple[str, BlockLayout, str]:
-    heads = module.num_heads
-    if attr == "in_proj_weight":
-        width = shape[0] // 3
-        return "qkv", blocks.fused_rows(shape, [("q", heads), ("k", heads), ("v", width)],
-                                        rows_per_segment=[width] * 3), "structure"
-    if attr in ("q_proj_weight", "k_proj_weight"):
-        return ("query" if attr[0] == "q" else "key"), blocks.per_head(shape, heads), "structure"
-    return "value", blocks.per_row(shape), "structure"
+def _multihead_attention(name: str, attr: str, shape: tuple[int, ...], heads: int | None,
+                         source: str) -> tuple[str, BlockLayout, str, str]:
+    """``nn.MultiheadAttention``'s own weights: ``in_proj_weight`` stacked [q | k | v] (3E, E) with
+    q and k per head and v per row; separate ``q/k_proj_weight`` per head; the rest per row."""
+    if attr in ("in_proj_weight", "q_proj_weight", "k_proj_weight") and heads is None:
+        raise ValueError(f"parameter {name!r} is an nn.MultiheadAttention projection, blocked per "
+                         f"head, but n_heads is unknown: pass n_heads=, or plan=model to AdamMini "
+                         f"(model= to Adam_mini)")
+    try:
+        if attr == "in_proj_weight":
+            width = shape[0] // 3
+            if 3 * width != shape[0]:
+                raise ValueError(f"{shape[0]} rows are not 3 equal [q | k | v] segments")
+            return "qkv", blocks.fused_rows(shape, [("q", heads), ("k", heads), ("v", width)],
+                                            rows_per_segment=[width] * 3), source, ""
+        if attr in ("q_proj_weight", "k_proj_weight"):
+            return ("query" if attr[0] == "q" else "key"), blocks.per_head(shape, heads), \
+                source, ""
+    except ValueError as error:
+        raise ValueError(f"parameter {name!r} (nn.MultiheadAttention, n_heads={heads}): "
+                         f"{error}") from None
+    return "value", blocks.per_row(shape), source, ""
 
 
 # ----- user rules ---------------------------------------------------------------------------------

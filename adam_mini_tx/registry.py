@@ -18,17 +18,34 @@ ROLE_NAMES: dict[str, frozenset[str]] = {
     "attn_out": frozenset({"o_proj", "out_proj", "o", "out_lin", "attn_out"}),
     "mlp": frozenset({"gate_proj", "up_proj", "down_proj", "gate_up_proj", "w1", "w2", "w3",
                       "fc1", "fc2", "c_fc", "wi", "wi_0", "wi_1", "wo", "dense_h_to_4h",
-                      "dense_4h_to_h", "lin1", "lin2", "mlp", "ffn"}),
+                      "dense_4h_to_h", "lin1", "lin2", "linear1", "linear2", "mlp", "ffn"}),
     "embedding": frozenset({"embed_tokens", "tok_embeddings", "wte", "wpe", "embed", "embd",
                             "word_embeddings", "position_embeddings", "token_type_embeddings",
                             "embed_in", "shared", "relative_attention_bias", "embed_positions",
                             "pos_embed", "position_embedding", "cls_token", "mask_token"}),
     "output": frozenset({"lm_head", "output", "embed_out", "final_layer", "decoder"}),
     "router": frozenset({"router", "gate"}),
+    # low-rank (latent) attention projections (DeepSeek MLA): one block per output neuron
+    "latent": frozenset({"q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj"}),
 }
 # Containers whose ``dense`` child is the attention output / an MLP layer (BERT, GPT-NeoX, Falcon).
-DENSE_PARENTS = {"attention": "attn_out", "self_attention": "attn_out", "output": "mlp",
-                 "intermediate": "mlp", "transform": "mlp", "pooler": "mlp"}
+DENSE_PARENTS = {"attention": "attn_out", "self_attention": "attn_out", "self_attn": "attn_out",
+                 "output": "mlp", "intermediate": "mlp", "transform": "mlp", "pooler": "mlp",
+                 "lm_head": "mlp"}
+# GPT-2's module names. HF GPT-2 and OpenAI GPT store these weights in ``Conv1D`` as (in, out);
+# nanoGPT and GPT-BigCode use the same names with ``nn.Linear`` (out, in).
+GPT2_NAMES = frozenset({"c_attn", "q_attn", "c_fc", "c_proj"})
+# Fused QKV names whose rows are stacked [q | k | v] in every family known to use them; other
+# fused names (``query_key_value``: per head in GPT-NeoX / BLOOM, per KV group or stacked in
+# Falcon; ``wqkv``: stacked in MPT, per KV group in InternLM2) need the model's family.
+STACKED_QKV_NAMES = frozenset({"c_attn", "qkv_proj", "qkv", "in_proj"})
+# Names only, >= 3-D weights that are no expert weights: name fragments that mark a
+# convolution, and a transposed one (stored (in, out, ...)).
+CONV_HINTS = ("conv", "patch")
+TRANSPOSED_CONV_HINTS = ("transpose", "deconv", "convt")
+# nn.MultiheadAttention's own parameters (no submodule of their own)
+MHA_ATTRS = frozenset({"in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight",
+                       "bias_k", "bias_v"})
 MLP_CONTAINERS = frozenset({"mlp", "feed_forward", "ffn", "densereludense"})
 LORA_PREFIXES = ("lora_", "lora.")
 WRAPPER_COMPONENTS = frozenset({"base_layer", "default", "linear", "original_module",
@@ -135,6 +152,8 @@ def role_from_components(components: list[str], ndim: int) -> str | None:
         grandparent = components[-3] if len(components) > 2 else ""
         return "attn_out" if parent == "output" and "attention" in grandparent \
             else DENSE_PARENTS[parent]
+    if last == "c_proj":  # GPT-2: the attention output or the MLP's second layer
+        return "attn_out" if _in_attention(components) else "mlp"
     for role, names in ROLE_NAMES.items():
         if last in names:
             if role in ("query", "key", "value", "attn_out") and len(last) == 1 and \
@@ -162,5 +181,6 @@ def is_lora(name: str) -> bool:
     return any(part.startswith(LORA_PREFIXES) for part in name.lower().split("."))
 
 
-__all__ = ["ModelDims", "dims_from_config", "FAMILIES", "ROLE_NAMES", "FusedQKV",
+__all__ = ["ModelDims", "dims_from_config", "FAMILIES", "ROLE_NAMES", "FusedQKV", "GPT2_NAMES",
+           "STACKED_QKV_NAMES", "MHA_ATTRS", "CONV_HINTS", "TRANSPOSED_CONV_HINTS",
            "fused_qkv_style", "role_from_components", "module_components", "is_lora"]

@@ -1,4 +1,6 @@
 """The plan as a value: rules, fallbacks, the printed table, round trips, tied weights."""
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -55,6 +57,16 @@ def test_unknown_parameters_fall_back_and_are_listed():
     assert plan["mystery"].num_blocks == 6 and plan["scale"].num_blocks == 1
     assert plan["proj.weight"].source == "structure"
     assert "fallbacks" in plan.table() and "mystery" in plan.table()
+    lines = plan.fallback_lines()
+    assert len(lines) == 2 and lines[0].startswith("mystery (6, 5): o i -> o, 6 blocks (")
+    assert all(line in plan.table() for line in lines)
+    with pytest.warns(UserWarning) as caught:  # the optimizer's one warning
+        assert amx.warn_fallbacks(plan) is True
+    assert len(caught) == 1 and caught[0].filename == __file__
+    assert all(line in str(caught[0].message) for line in lines)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert amx.warn_fallbacks(amx.plan_blocks(nn.Linear(5, 7))) is False
 
 
 def test_table_lists_every_parameter_and_totals():
