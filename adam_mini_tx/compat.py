@@ -122,10 +122,6 @@ class Adam_mini(AdamMini):  # noqa: N801 - the official package's name
 
     def _log_plan(self) -> None:
         logger.info("Adam-mini block plan:\n%s", self.plan)
-        if self.plan.fallbacks:
-            logger.warning("Adam-mini: placed by fallback (check their blocks, or pass model= "
-                           "or plan=amx.plan_blocks(model, rules=...)):\n  %s",
-                           "\n  ".join(self.plan.fallback_lines()))
 
     # ----- the official's name sets ------------------------------------------------------------
     def _knobs(self) -> Knobs:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..guards import check_policy
-from ..plan import BlockPlan, plan_blocks
+from ..plan import BlockPlan, plan_blocks, warn_fallbacks
 from .backends import CompiledBackend, EagerBackend, assign
 from .groups import named_group, named_groups, reject_duplicates, resolve_plan
 from .hyperparams import Hyper, read_hyperparameters
@@ -71,6 +71,9 @@ class AdamMini(torch.optim.Optimizer):
         for index, group in enumerate(self.param_groups):
             read_hyperparameters(group, f"param group {index}: ")
         self.plan = resolve_plan(plan, self._named_params(), **self._plan_kwargs)
+        mro = type(self).__mro__
+        warn_fallbacks(self.plan, stacklevel=2 + sum("__init__" in vars(cls)  # the user's line
+                                                     for cls in mro[:mro.index(AdamMini)]))
         self._backends = (EagerBackend(), CompiledBackend())
         self._layout_cache: tuple[BlockPlan | None, dict] = (None, {})
 
