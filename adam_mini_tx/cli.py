@@ -79,7 +79,7 @@ def _add_plan(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_plan(args: argparse.Namespace) -> int:
-    from .plan import plan_blocks
+    from .planning import plan_blocks
 
     model = _hf_model(args) if args.hf else _factory_model(args.factory)
     print(plan_blocks(model, n_heads=None if args.hf else args.heads,

@@ -43,10 +43,10 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
-from . import blocks
-from .blocks import BlockLayout
+from .core import blocks
+from .core.blocks import BlockLayout
 from .optim import AdamMini
-from .plan import BlockPlan, ParamBlocks
+from .planning import BlockPlan, ParamBlocks
 
 logger = logging.getLogger("adam_mini_tx")
 

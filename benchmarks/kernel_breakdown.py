@@ -31,8 +31,10 @@ from typing import Callable
 import torch
 
 from adam_mini_tx import AdamMini
-from adam_mini_tx.fused import _bucket_args
-from adam_mini_tx.guards import all_finite
+from adam_mini_tx.core.guards import all_finite
+from adam_mini_tx.optim.backends.compiled import _bucket_args
+from adam_mini_tx.optim.hyperparams import read_hyperparameters, scalar_arguments
+from adam_mini_tx.optim.members import Member
 
 
 def bucket(rows: int, cols: int, count: int) -> list[tuple[str, torch.nn.Parameter]]:
@@ -47,19 +49,23 @@ def compiled_calls(optimizer: AdamMini) -> dict[str, Callable[[], None]]:
     """The compiled calls of the optimizer's (single) round, bound to its tensors: with
     ``nonfinite="apply"`` the update reading ``g`` for its statistics, otherwise the statistics
     pass and the update taking them."""
-    fused = next(chain.fused for chain in optimizer._chains if chain.fused is not None)
-    members = [(name, param, optimizer.state[param]) for group in optimizer.param_groups
+    fused = optimizer._backends[1]
+    hyper = read_hyperparameters(optimizer.param_groups[0], "")
+    members = [Member(name, param, param.grad, optimizer.state[param])
+               for group in optimizer.param_groups
                for name, param in zip(group["param_names"], group["params"])]
-    [(_, signature, buckets)] = fused._rounds(members)
+    work = fused.prepare(members, optimizer.plan.layouts(), hyper)
+    [(_, signature, buckets)] = work.rounds
     args = [_bucket_args(bucket) for bucket in buckets]
+    scalars = scalar_arguments(hyper, members[0].param.device)
     if optimizer.nonfinite == "apply":
-        update = fused._compiled[(signature, False)]
-        return {"update call, reading g": lambda: update(args, [[] for _ in buckets])}
-    grads = [[param.grad for _, param, _ in bucket] for bucket in buckets]
-    sums = [[fused._row_sums[name] for name, _, _ in bucket] for bucket in buckets]
-    statistics, update = fused._compiled_statistics[signature], fused._compiled[(signature, True)]
+        update = fused._apply_fns[(signature, False)]
+        return {"update call, reading g": lambda: update(scalars, args, [[] for _ in buckets])}
+    grads = [[member.grad for member in bucket] for bucket in buckets]
+    sums = [[fused._sums[member.name] for member in bucket] for bucket in buckets]
+    statistics, update = fused._sums_fns[signature], fused._apply_fns[(signature, True)]
     return {"statistics pass call": lambda: statistics(grads, sums),
-            "update call, given statistics": lambda: update(args, sums)}
+            "update call, given statistics": lambda: update(scalars, args, sums)}
 
 
 def stepped(named: list, nonfinite: str = "apply") -> AdamMini:

@@ -10,7 +10,7 @@ from torch import nn
 
 import adam_mini_tx as amx
 from adam_mini_tx import blocks
-from adam_mini_tx.donation import (Workspace, donated_update, donating, empty_temporary, fresh,
+from adam_mini_tx.core.donation import (Workspace, donated_update, donating, empty_temporary, fresh,
                                    in_place_or_new)
 from adam_mini_tx.optim.backends import eager as eager_backend
 from adam_mini_tx.optim.members import Member

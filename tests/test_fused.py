@@ -122,7 +122,7 @@ def test_fused_rejects_a_non_boolean():
 
 
 def test_compiled_bias_correction_equals_the_eager_one_also_under_vmap():
-    from adam_mini_tx.transforms import _bias_correction
+    from adam_mini_tx.functional.transforms import _bias_correction
     counts = torch.arange(0, 60)
     expected = 1 - torch.tensor(0.999, dtype=torch.float64) ** counts.to(torch.float64)
     eager = torch.stack([_bias_correction(0.999, c) for c in counts])

@@ -4,7 +4,7 @@ import torch
 from torch._dynamo.testing import CompileCounter
 
 import adam_mini_tx as amx
-from adam_mini_tx.guards import all_finite, nonfinite_guard
+from adam_mini_tx.core.guards import all_finite, nonfinite_guard
 
 PARAMS = {"a.weight": torch.randn(4, 3), "a.bias": torch.randn(4)}
 

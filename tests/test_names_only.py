@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import adam_mini_tx as amx
-from adam_mini_tx.registry import FAMILIES, dims_from_config
+from adam_mini_tx.planning.registry import FAMILIES, dims_from_config
 
 transformers = pytest.importorskip("transformers")
 

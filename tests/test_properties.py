@@ -7,8 +7,8 @@ from torch._dynamo.testing import CompileCounter
 from torch.func import grad, vmap
 
 import adam_mini_tx as amx
-from adam_mini_tx.alias import OPTIMIZERS
-from adam_mini_tx.base import GradientTransformation
+from adam_mini_tx.functional.alias import OPTIMIZERS
+from adam_mini_tx.core.base import GradientTransformation
 
 KWARGS = {"adam_mini": dict(n_heads=2)}
 

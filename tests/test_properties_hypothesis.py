@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import adam_mini_tx as amx
 from adam_mini_tx import blocks
-from adam_mini_tx.guards import all_finite
+from adam_mini_tx.core.guards import all_finite
 from adam_mini_tx.optim.backends import eager as eager_backend
 from adam_mini_tx.optim.members import Member
 
@@ -211,7 +211,7 @@ def test_donated_steps_over_row_pieces_equal_pure_steps(spec, dtype, seed, h, ch
 
 
 def donated_chain_step(tx, piece):
-    from adam_mini_tx.donation import donating
+    from adam_mini_tx.core.donation import donating
     from adam_mini_tx.optim.state import chain_step
 
     with donating():

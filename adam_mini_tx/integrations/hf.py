@@ -16,7 +16,7 @@ from typing import Any
 from torch import nn
 
 from ..optim import AdamMini
-from ..plan import plan_blocks
+from ..planning import plan_blocks
 
 
 def optimizer_kwargs(args: Any) -> dict[str, Any]:

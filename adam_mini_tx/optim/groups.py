@@ -10,7 +10,7 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
-from ..plan import BlockPlan, plan_blocks
+from ..planning import BlockPlan, plan_blocks
 
 
 def named_groups(params: Iterable[Any], names_by_id: Mapping[int, str]) -> list[dict[str, Any]]:

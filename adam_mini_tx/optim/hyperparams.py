@@ -13,9 +13,9 @@ from typing import Any, Callable, Mapping, NamedTuple, Union
 
 import torch
 
-from ..alias import DECAY_MASKS, adam_mini
-from ..base import GradientTransformation, check_betas, check_number
-from ..blocks import BlockLayout
+from ..functional.alias import DECAY_MASKS, adam_mini
+from ..core.base import GradientTransformation, check_betas, check_number
+from ..core.blocks import BlockLayout
 
 HYPERPARAMETERS = ("lr", "betas", "eps", "weight_decay", "decay_mask", "eps_root")
 """The keys every AdamMini param group holds."""

@@ -11,8 +11,8 @@ from typing import Any, Mapping, NamedTuple, Sequence
 
 import torch
 
-from ..base import check_gradients
-from ..blocks import BlockLayout
+from ..core.base import check_gradients
+from ..core.blocks import BlockLayout
 from .state import Slots, new_slots
 
 

@@ -14,8 +14,8 @@ from typing import Any, Mapping, NamedTuple, Sequence
 
 import torch
 
-from ..blocks import BlockLayout
-from ..guards import all_finite, nonfinite_names
+from ..core.blocks import BlockLayout
+from ..core.guards import all_finite, nonfinite_names
 from .members import Member
 
 

@@ -15,8 +15,8 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
-from ..guards import check_policy
-from ..plan import BlockPlan, plan_blocks, warn_fallbacks
+from ..core.guards import check_policy
+from ..planning import BlockPlan, plan_blocks, warn_fallbacks
 from .backends import CompiledBackend, EagerBackend, assign
 from .groups import named_group, named_groups, reject_duplicates, resolve_plan
 from .hyperparams import Hyper, read_hyperparameters

@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from ..plan import BlockPlan
+from ..planning import BlockPlan
 from .hyperparams import HYPERPARAMETERS, read_hyperparameters
 from .state import STATE_KEYS, own_copy
 

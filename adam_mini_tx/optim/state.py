@@ -17,9 +17,9 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from ..alias import adam_mini, adam_mini_slots, adam_mini_state_from_slots
-from ..base import GradientTransformation
-from ..blocks import BlockLayout
+from ..functional.alias import adam_mini, adam_mini_slots, adam_mini_state_from_slots
+from ..core.base import GradientTransformation
+from ..core.blocks import BlockLayout
 
 STATE_KEYS = ("step", "m", "v")
 """The keys of ``optimizer.state[p]`` (see the module docstring)."""

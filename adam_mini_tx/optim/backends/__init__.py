@@ -20,7 +20,7 @@ from typing import Any, Mapping, Protocol, Sequence
 
 import torch
 
-from ...blocks import BlockLayout, is_dtensor
+from ...core.blocks import BlockLayout, is_dtensor
 from ..hyperparams import Hyper
 from ..members import Member
 from .compiled import CompiledBackend

@@ -24,10 +24,10 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import torch
 
-from ...alias import DECAY_MASKS
-from ...base import to_dtype
-from ...blocks import BlockLayout, accumulation_dtype
-from ...guards import all_finite
+from ...functional.alias import DECAY_MASKS
+from ...core.base import to_dtype
+from ...core.blocks import BlockLayout, accumulation_dtype
+from ...core.guards import all_finite
 from ..hyperparams import Hyper, chain_for, from_scalar_arguments, scalar_arguments
 from ..members import Member
 from ..state import chain_step

@@ -20,10 +20,10 @@ from typing import Mapping, NamedTuple, Sequence
 
 import torch
 
-from ...base import to_dtype
-from ...blocks import BlockLayout, is_dtensor
-from ...donation import Workspace, donating
-from ...guards import all_finite
+from ...core.base import to_dtype
+from ...core.blocks import BlockLayout, is_dtensor
+from ...core.donation import Workspace, donating
+from ...core.guards import all_finite
 from ..hyperparams import Hyper, chain_for
 from ..members import Member
 from ..state import chain_step

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from . import blocks
-from .base import (EmptyState, GradientTransformation, ScalarOrSchedule, chain, check_betas,
+from ..core import blocks
+from ..core.base import (EmptyState, GradientTransformation, ScalarOrSchedule, chain, check_betas,
                    check_number, identity)
 from .transforms import (CountState, MomentumState, PartitionState, PlanLike, SecondMomentState,
                          blockwise_mean_square, decoupled_decay, momentum, partition, scale_by_lr)

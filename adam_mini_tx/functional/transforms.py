@@ -11,12 +11,13 @@ from typing import Callable, Mapping, NamedTuple, Union
 
 import torch
 
-from .base import (EmptyState, GradientTransformation, Params, ScalarOrSchedule, Updates,
+from ..core.base import (EmptyState, GradientTransformation, Params, ScalarOrSchedule, Updates,
                    check_number, check_same_keys, check_same_structure, resolve,
                    takes_extra_args, to_dtype)
-from .blocks import BlockLayout
-from .donation import donated, empty_temporary, fresh, in_place_or_new, in_place_safe, run_update
-from .plan import BlockPlan, plan_blocks
+from ..core.blocks import BlockLayout
+from ..core.donation import (donated, empty_temporary, fresh, in_place_or_new, in_place_safe,
+                              run_update)
+from ..planning import BlockPlan, plan_blocks
 
 PlanLike = Union[BlockPlan, Mapping[str, BlockLayout],
                  Callable[[Mapping[str, torch.Tensor]], Mapping[str, BlockLayout]], None]

@@ -1,6 +1,7 @@
 """Render the API reference (docs/api.md) from the public names' signatures and docstrings.
 
-``python -m adam_mini_tx.apidoc > docs/api.md``; a test checks that the committed page is current.
+``python tools/apidoc.py > docs/api.md``; a test checks that the committed page is current. A
+developer tool: it is not part of the installed package.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ def _signature(obj) -> str:
 def render() -> str:
     """The markdown page: one section per name in ``adam_mini_tx.__all__``, in that order."""
     lines = ["# API reference", "",
-             "Generated from the docstrings by `python -m adam_mini_tx.apidoc > docs/api.md`; "
+             "Generated from the docstrings by `python tools/apidoc.py > docs/api.md`; "
              "`tests/test_docs.py` fails when this page is out of date.", ""]
     for name in adam_mini_tx.__all__:
         obj = getattr(adam_mini_tx, name)
