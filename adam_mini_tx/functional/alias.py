@@ -30,10 +30,7 @@ def adam_mini(lr: ScalarOrSchedule = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8
     :data:`DECAY_MASKS` (default ``"matrices"``: tensors with >= 2 dims, like the official package).
     """
     if isinstance(decay_mask, str):
-        if decay_mask not in DECAY_MASKS:
-            raise ValueError(f"invalid decay_mask={decay_mask!r}: use one of {sorted(DECAY_MASKS)} "
-                             f"or a function (name, tensor) -> 'decay' | 'no_decay'")
-        decay_mask = DECAY_MASKS[decay_mask]
+        decay_mask = DECAY_MASKS[check_decay_mask(decay_mask)]
     beta1, beta2 = check_betas(betas)
     return chain(
         momentum(beta1, state_dtype=state_dtype),
@@ -42,6 +39,14 @@ def adam_mini(lr: ScalarOrSchedule = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8
         partition({"decay": decoupled_decay(weight_decay), "no_decay": identity()}, decay_mask),
         scale_by_lr(lr),
     )
+
+
+def check_decay_mask(name: str) -> str:
+    """``name`` if it is one of :data:`DECAY_MASKS`, else a ValueError listing them."""
+    if name not in DECAY_MASKS:
+        raise ValueError(f"invalid decay_mask={name!r}: use one of {sorted(DECAY_MASKS)} or a "
+                         f"function (name, tensor) -> 'decay' | 'no_decay' (or weight_decay=0.0)")
+    return name
 
 
 def elementwise_plan(params: dict[str, torch.Tensor]) -> dict:

@@ -17,7 +17,7 @@ from ..core.base import (EmptyState, GradientTransformation, Params, ScalarOrSch
 from ..core.blocks import BlockLayout
 from ..core.donation import (donated, empty_temporary, fresh, in_place_or_new, in_place_safe,
                               run_update)
-from ..planning import BlockPlan, plan_blocks
+from ..planning import BlockPlan, check_coverage, plan_blocks
 
 PlanLike = Union[BlockPlan, Mapping[str, BlockLayout],
                  Callable[[Mapping[str, torch.Tensor]], Mapping[str, BlockLayout]], None]
@@ -171,17 +171,8 @@ class _Layouts:
     @staticmethod
     def _checked(tensors: Mapping[str, torch.Tensor],
                  given: Mapping[str, BlockLayout]) -> Mapping[str, BlockLayout]:
-        layouts = {}
-        for name, tensor in tensors.items():
-            if name not in given:
-                raise ValueError(f"parameter {name!r} is not covered by the block plan; build "
-                                 f"the plan from the same model or add a rule for it")
-            layout = given[name]
-            if tuple(layout.shape) != tuple(tensor.shape):
-                raise ValueError(f"parameter {name!r} has shape {tuple(tensor.shape)} but the "
-                                 f"block plan was made for {tuple(layout.shape)}; rebuild the plan")
-            layouts[name] = layout
-        return layouts
+        check_coverage(given, tensors.items())
+        return {name: given[name] for name in tensors}
 
 
 def blockwise_mean_square(b2: float | torch.Tensor = 0.999, plan: PlanLike = None, *,

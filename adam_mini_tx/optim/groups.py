@@ -10,7 +10,7 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
-from ..planning import BlockPlan, plan_blocks
+from ..planning import BlockPlan, check_coverage, plan_blocks
 
 
 def named_groups(params: Iterable[Any], names_by_id: Mapping[int, str]) -> list[dict[str, Any]]:
@@ -92,13 +92,7 @@ def resolve_plan(plan: Any, named: list[tuple[str, torch.Tensor]], **plan_kwargs
             plan = plan.merged(plan_blocks(missing, **plan_kwargs))
     if not isinstance(plan, BlockPlan):
         raise TypeError(f"plan must be a BlockPlan, an nn.Module or None, got {type(plan).__name__}")
-    for name, param in named:
-        if name not in plan:
-            raise ValueError(f"parameter {name!r} is not covered by the block plan; build the plan "
-                             f"from the same model (amx.plan_blocks(model)) or add a rule for it")
-        if tuple(plan[name].shape) != tuple(param.shape):
-            raise ValueError(f"parameter {name!r} has shape {tuple(param.shape)} but the plan was "
-                             f"made for {plan[name].shape}; rebuild the plan")
+    check_coverage(plan, named)
     return plan
 
 

@@ -13,7 +13,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Union
 
 import torch
 
-from ..functional.alias import DECAY_MASKS, adam_mini
+from ..functional.alias import adam_mini, check_decay_mask
 from ..core.base import GradientTransformation, check_betas, check_number
 from ..core.blocks import BlockLayout
 
@@ -45,9 +45,7 @@ def read_hyperparameters(group: Mapping[str, Any], where: str) -> Hyper:
         check_number("eps", group["eps"], 0.0)
         check_number("weight_decay", group["weight_decay"], 0.0)
         check_number("eps_root", group["eps_root"], 0.0)
-        if group["decay_mask"] not in DECAY_MASKS:
-            raise ValueError(f"invalid decay_mask={group['decay_mask']!r}: use one of "
-                             f"{sorted(DECAY_MASKS)} (or weight_decay=0.0 for the group)")
+        check_decay_mask(group["decay_mask"])
         skipped = group.get("nonfinite_skipped", 0)
         if isinstance(skipped, bool) or not isinstance(skipped, int) or skipped < 0:
             raise ValueError(f"nonfinite_skipped={skipped!r} must be a count >= 0")

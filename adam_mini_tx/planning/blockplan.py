@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 
@@ -150,6 +150,18 @@ class BlockPlan(Mapping[str, ParamBlocks]):
                 for e in self.entries}
 
 
+def check_coverage(plan: Mapping[str, Any], tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Every tensor has an entry in ``plan`` (a :class:`BlockPlan`, or ``name -> BlockLayout``)
+    made for its shape; else a ValueError naming the parameter."""
+    for name, tensor in tensors:
+        if name not in plan:
+            raise ValueError(f"parameter {name!r} is not covered by the block plan; build the plan "
+                             f"from the same model (amx.plan_blocks(model)) or add a rule for it")
+        if tuple(plan[name].shape) != tuple(tensor.shape):
+            raise ValueError(f"parameter {name!r} has shape {tuple(tensor.shape)} but the block "
+                             f"plan was made for {tuple(plan[name].shape)}; rebuild the plan")
+
+
 def warn_fallbacks(plan: BlockPlan, stacklevel: int = 1) -> bool:
     """Issue one ``UserWarning`` listing ``plan.fallback_lines()``, if there are any; returns
     whether it warned. ``stacklevel`` counts from the caller of this function, as for
@@ -171,4 +183,4 @@ def _bytes(n: int) -> str:
     raise AssertionError("unreachable")
 
 
-__all__ = ["ParamBlocks", "BlockPlan", "warn_fallbacks"]
+__all__ = ["ParamBlocks", "BlockPlan", "check_coverage", "warn_fallbacks"]
