@@ -17,7 +17,7 @@ from torch import nn
 
 from ..core.guards import check_policy
 from ..planning import BlockPlan, plan_blocks, warn_fallbacks
-from .backends import CompiledBackend, EagerBackend, assign
+from .backends import CompiledBackend, EagerBackend, assign, row_sums
 from .groups import named_group, named_groups, reject_duplicates, resolve_plan
 from .hyperparams import Hyper, read_hyperparameters
 from .members import Member, check_members, collect
@@ -92,16 +92,12 @@ class AdamMini(torch.optim.Optimizer):
                   for index, group in enumerate(self.param_groups)]
         check_members(groups)
         work = self._work(groups, hypers, layouts)
-        # 3. the statistics pass: every row sum of squares, which the check and the chain share
-        checked = self.nonfinite != "apply"
-        sums, flags = {}, []
-        for backend, unit in (pair for units in work for pair in units) if checked else ():
-            unit_sums, unit_flags = backend.row_sums(unit)
-            sums.update(unit_sums)
-            flags.extend(unit_flags)
-        # 4. the non-finite decision
-        everyone = [member for members in groups for member in members]
-        decision = decide(self.nonfinite, everyone, sums, flags, layouts) if checked else None
+        # 3. the statistics pass (row sums the chain then takes) and 4. the non-finite decision
+        sums, decision = None, None
+        if self.nonfinite != "apply":
+            sums, flags = row_sums(work)
+            everyone = [member for members in groups for member in members]
+            decision = decide(self.nonfinite, everyone, sums, flags, layouts)  # may raise
         self.state.update(pending)
         if decision is not None and not decision.apply:
             record_skip(self.param_groups, decision.bad)
@@ -114,7 +110,7 @@ class AdamMini(torch.optim.Optimizer):
         try:
             for units, hyper in zip(work, hypers):
                 for backend, unit in units:
-                    backend.apply(unit, hyper, sums if checked else None, written)
+                    backend.apply(unit, hyper, sums, written)
         finally:
             bump_steps([member.state["step"] for member in written])
         return loss
