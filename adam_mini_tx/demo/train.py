@@ -110,11 +110,13 @@ def make_optimizer(name: str, model: GPT, cfg: DemoConfig) -> torch.optim.Optimi
     raise ValueError(f"unknown optimizer {name!r}; choose from {OPTIMIZERS}")
 
 
-def warmup_cosine(cfg: DemoConfig):
+def warmup_cosine(steps: int, warmup: int) -> Callable[[int], float]:
+    """The lr factor at each step: linear warm-up over ``warmup`` steps, then cosine down to 10%
+    at ``steps`` (for ``LambdaLR``)."""
     def factor(step: int) -> float:
-        if step < cfg.warmup:
-            return (step + 1) / cfg.warmup
-        progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
     return factor
 
@@ -142,7 +144,7 @@ def run_one(name: str, cfg: DemoConfig, corpus: Corpus, progress: bool = True,
     torch.manual_seed(cfg.seed)  # identical initial weights for every optimizer
     model = GPT(GPTConfig.named(cfg.size, len(corpus.vocab), cfg.seq)).to(device)
     optimizer = build(model, cfg) if build else make_optimizer(name, model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.steps, cfg.warmup))
     batches = torch.Generator().manual_seed(cfg.seed + 1)  # identical data order
     curve, val_curve, opt_times, step_times = [], [], [], []
     steps = range(cfg.steps)
