@@ -14,6 +14,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .core.lowbits import FORMATS
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="adam-mini-tx", description=__doc__)
@@ -113,6 +115,8 @@ def _add_plan(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", type=_positive_int)
     parser.add_argument("--intermediate-size", type=_positive_int)
     parser.add_argument("--vocab-size", type=_positive_int)
+    parser.add_argument("--momentum-format", choices=FORMATS, default=None,
+                        help="state bytes with m stored in this format")
     parser.set_defaults(run=_run_plan, parser=parser)
 
 
@@ -125,7 +129,7 @@ def _run_plan(args: argparse.Namespace) -> int:
                            n_kv_heads=None if args.hf else args.kv_heads)
     except ValueError as error:
         raise UsageError(f"cannot plan this model with these arguments: {error}") from None
-    print(plan)
+    print(plan.table(args.momentum_format))
     return 0
 
 

@@ -10,6 +10,7 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
+from ..core.blocks import is_dtensor
 from ..planning import BlockPlan, check_coverage, plan_blocks
 
 
@@ -78,6 +79,18 @@ def reject_duplicates(groups: Iterable[Mapping[str, Any]]) -> None:
                     f"[('gen.' + n, p) for n, p in gen.named_parameters()], or pass plan= a "
                     f"module that holds both models")
             by_name[name] = (index, param)
+
+
+def reject_sharded_low_precision(group: Mapping[str, Any], index: int) -> None:
+    """A low-precision ``m`` is not supported for DTensor (FSDP2, TP) parameters yet."""
+    if group.get("momentum_format") not in ("bfloat16", "int8"):
+        return
+    for name, param in zip(group["param_names"], group["params"]):
+        if is_dtensor(param):
+            raise ValueError(f"param group {index}: momentum_format="
+                             f"{group['momentum_format']!r} is not supported for DTensor "
+                             f"parameters yet ({name!r}); use momentum_format='float32' or None "
+                             f"under FSDP2 / tensor parallelism")
 
 
 def resolve_plan(plan: Any, named: list[tuple[str, torch.Tensor]], **plan_kwargs) -> BlockPlan:

@@ -46,7 +46,8 @@ def collect(param_groups: Sequence[Mapping[str, Any]], state: Mapping[torch.Tens
                 continue
             slots = state.get(param)
             if not slots:
-                slots = pending[param] = new_slots(name, param, layouts[name], state_dtype)
+                slots = pending[param] = new_slots(name, param, layouts[name], state_dtype,
+                                                   group.get("momentum_format"))
             members.append(Member(name, param, param.grad, slots))
         groups.append(members)
     return groups, pending

@@ -18,7 +18,8 @@ from torch import nn
 from ..core.guards import check_policy
 from ..planning import BlockPlan, plan_blocks, warn_fallbacks
 from .backends import CompiledBackend, EagerBackend, assign, row_sums
-from .groups import named_group, named_groups, reject_duplicates, resolve_plan
+from .groups import (named_group, named_groups, reject_duplicates, reject_sharded_low_precision,
+                     resolve_plan)
 from .hyperparams import Hyper, read_hyperparameters
 from .members import Member, check_members, collect
 from .nonfinite import decide, record_skip
@@ -43,6 +44,9 @@ class AdamMini(torch.optim.Optimizer):
     ``group["nonfinite_skipped"]``, with a RuntimeWarning), ``"raise"`` (FloatingPointError) or
     ``"apply"`` (no check). ``fused``: run the chain compiled over buckets of same-layout
     parameters (the first step compiles; ``compile_seconds`` says how long).
+    ``momentum_format``: how ``m`` is stored, ``"float32"``, ``"bfloat16"`` or ``"int8"``
+    (blockwise, one fp32 scale per 256 elements of a row), rounded stochastically unless
+    ``stochastic_rounding=False``, from ``momentum_seed``; None (default): ``state_dtype``.
     """
 
     def __init__(self, params: Iterable[Any], lr: float | torch.Tensor = 1e-3,
@@ -51,7 +55,8 @@ class AdamMini(torch.optim.Optimizer):
                  dim: int | None = None, n_heads: int | None = None,
                  n_kv_heads: int | None = None, state_dtype: torch.dtype | None = None,
                  decay_mask: str = "matrices", eps_root: float = 0.0, nonfinite: str = "skip",
-                 fused: bool = False):
+                 fused: bool = False, momentum_format: str | None = None,
+                 stochastic_rounding: bool = True, momentum_seed: int = 0):
         self.nonfinite = check_policy(nonfinite)
         if not isinstance(fused, bool):
             raise TypeError(f"fused must be True or False, got {fused!r}")
@@ -65,11 +70,14 @@ class AdamMini(torch.optim.Optimizer):
         groups = named_groups(params, self._names_by_id)
         reject_duplicates(groups)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                        decay_mask=decay_mask, eps_root=eps_root, nonfinite_skipped=0)
+                        decay_mask=decay_mask, eps_root=eps_root, nonfinite_skipped=0,
+                        momentum_format=momentum_format,
+                        stochastic_rounding=stochastic_rounding, momentum_seed=momentum_seed)
         self._plan_kwargs = dict(dim=dim, n_heads=n_heads, n_kv_heads=n_kv_heads)
         super().__init__(groups, defaults)
         for index, group in enumerate(self.param_groups):
             read_hyperparameters(group, f"param group {index}: ")
+            reject_sharded_low_precision(group, index)
         self.plan = resolve_plan(plan, self._named_params(), **self._plan_kwargs)
         mro = type(self).__mro__
         warn_fallbacks(self.plan, stacklevel=2 + sum("__init__" in vars(cls)  # the user's line
@@ -157,6 +165,7 @@ class AdamMini(torch.optim.Optimizer):
             super().add_param_group(group)
             added = self.param_groups[-1]
             read_hyperparameters(added, f"param group {len(self.param_groups) - 1}: ")
+            reject_sharded_low_precision(added, len(self.param_groups) - 1)
             named = list(zip(added["param_names"], added["params"]))
             new = [(name, param) for name, param in named if name not in self.plan]
             plan = self.plan.merged(plan_blocks(new, **self._plan_kwargs)) if new else self.plan
