@@ -217,3 +217,11 @@ def test_a_checkpoint_of_another_format_is_refused_and_formats_are_checked():
         amx.AdamMini(model.named_parameters(), momentum_format="int4", **HEADS)
     with pytest.raises(ValueError, match="invalid momentum_format"):
         amx.adam_mini(momentum_format="fp8")
+
+
+def test_the_drop_in_takes_a_momentum_format():
+    model = TinyLlama(layers=1)
+    opt = amx.Adam_mini(model.named_parameters(), lr=1e-3, dim=32, n_heads=4, n_kv_heads=2,
+                        verbose=False, momentum_format="int8")
+    run(model, opt, 1)
+    assert opt.state[model.layers[0].mlp.up_proj.weight]["m"].dtype == torch.int8
