@@ -8,8 +8,8 @@ stochastic rounding.
   (stochastically: ``floor(x / s + u)``, ``u`` uniform in ``[0, 1)``), read back as ``q s``.
   The error is at most ``s / 2`` to nearest, below ``s`` stochastically (unbiased).
 
-The random bits come from a counter-based hash of ``(seed, step, salt, element index)``: pure
-integer tensor ops, the same on every call with the same inputs (a resumed run rounds exactly as
+The random bits are a function of ``(seed, step, salt, element index)`` (:func:`uniform_noise`):
+pure integer tensor ops, the same on every call with the same inputs (a resumed run rounds exactly as
 an uninterrupted one), traceable by ``torch.compile`` and free of global generator state under
 ``vmap``.
 """
@@ -28,6 +28,7 @@ GROUP = 256
 """Most elements per int8 scale, along the last axis."""
 
 _MASK = 0x7FFFFFFF  # every intermediate stays below 2**31 * 2**17: no int64 overflow
+_GOLDEN = 10368889  # 2**24 / golden ratio, odd: index * _GOLDEN < 2**55 for any tensor
 
 
 class QuantizedMoment(NamedTuple):
@@ -47,15 +48,18 @@ def salt_of(name: str) -> int:
 def uniform_noise(seed: torch.Tensor, count: torch.Tensor, salt: int | torch.Tensor,
                   like: torch.Tensor) -> torch.Tensor:
     """fp32 values in ``[0, 1)`` of ``like``'s shape, a function of ``(seed, count, salt,
-    index)`` only (multiply-xorshift rounds on 31-bit integers)."""
+    index)`` only: ``u_i = frac(i a + k)`` on 24 bits (a Weyl sequence, ``a`` the golden ratio),
+    its offset ``k`` a hash of ``(seed, count, salt)`` (multiply-xorshift rounds on 31-bit
+    integers). For a fixed element, ``k`` makes ``u`` uniform from step to step, which is what
+    keeps stochastic rounding unbiased; within a step the values are evenly spread. Three
+    elementwise integer ops per element."""
     key = ((seed.to(torch.int64) & _MASK) * 69069 + (count.to(torch.int64) & _MASK)) & _MASK
     key = (key * 69069 + salt) & _MASK
-    x = (torch.arange(like.numel(), dtype=torch.int64, device=like.device).reshape(like.shape)
-         + key) & _MASK
     for multiplier, shift in ((48271, 16), (40503, 15), (69069, 13)):
-        x = (x * multiplier + key) & _MASK
-        x = x ^ (x >> shift)
-    return (x & 0xFFFFFF).to(torch.float32) * (1.0 / 2**24)
+        key = (key * multiplier + 12345) & _MASK
+        key = key ^ (key >> shift)
+    index = torch.arange(like.numel(), dtype=torch.int64, device=like.device).reshape(like.shape)
+    return ((index * _GOLDEN + key) & 0xFFFFFF).to(torch.float32) * (1.0 / 2**24)
 
 
 def to_bfloat16(x: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
