@@ -52,10 +52,12 @@ class Budget:
     seq: int = 64
     eval_batches: int = 16
     seeds: tuple[int, ...] = (0, 1, 2)
+    max_chars: int = demo.DemoConfig.max_chars  # of Shakespeare, split 90/10 into train/val
 
 
 FULL = Budget()
-QUICK = Budget(demo_steps=4, steps=4, batch=4, seq=32, eval_batches=2, seeds=(0,))
+QUICK = Budget(demo_steps=4, steps=4, batch=4, seq=32, eval_batches=2, seeds=(0,),
+               max_chars=200_000)
 
 # The same hyperparameters for every optimizer of a setup (nanoGPT's shakespeare_char recipe,
 # scaled to a few hundred steps): 10% linear warm-up, then cosine (to 10% of the peak in nanogpt,
@@ -257,7 +259,7 @@ TITLES = {"demo": "demo (Llama-style, 2 layers x 64)",
 # ----- running and reporting -----------------------------------------------------------------------
 def measure(setups: tuple[str, ...], budget: Budget, log: Callable[[str], None]) -> dict:
     """``{setup: {optimizer: {seed: val loss or "fails: ..."}}}``."""
-    corpus = load_corpus()
+    corpus = load_corpus(budget.max_chars)
     results: dict = {}
     for setup in setups:
         results[setup] = {name: {} for name in OPTIMIZERS}
