@@ -12,7 +12,7 @@ official one with ``dim`` / ``n_heads`` / ``n_kv_heads``. Every run of a seed st
 weights and sees the same batches. Prints a markdown table of the final validation loss: AdamW's
 mean (min-max over seeds), and each Adam-mini's ratio to AdamW per seed, mean (min-max).
 
-    python benchmarks/convergence.py           # the full run: 3 seeds, ~13 minutes on 2 CPU cores
+    python benchmarks/convergence.py           # full: 3 seeds, ~14 min on an idle 2-core CPU
     python benchmarks/convergence.py --quick   # a smoke run of the same code, in seconds
 """
 from __future__ import annotations
@@ -47,15 +47,17 @@ class Budget:
     """The sizes of the runs (the demo keeps its own model, batch, schedule and validation
     batches; only its step count comes from here)."""
     demo_steps: int = 600
-    steps: int = 400  # nanogpt and hf-llama (~13 minutes in all at these sizes)
+    steps: int = 300  # nanogpt and hf-llama
     batch: int = 16
-    seq: int = 128
+    seq: int = 64
     eval_batches: int = 16
     seeds: tuple[int, ...] = (0, 1, 2)
+    max_chars: int = demo.DemoConfig.max_chars  # of Shakespeare, split 90/10 into train/val
 
 
 FULL = Budget()
-QUICK = Budget(demo_steps=4, steps=4, batch=4, seq=32, eval_batches=2, seeds=(0,))
+QUICK = Budget(demo_steps=4, steps=4, batch=4, seq=32, eval_batches=2, seeds=(0,),
+               max_chars=200_000)
 
 # The same hyperparameters for every optimizer of a setup (nanoGPT's shakespeare_char recipe,
 # scaled to a few hundred steps): 10% linear warm-up, then cosine (to 10% of the peak in nanogpt,
@@ -82,14 +84,15 @@ def adamw(model: nn.Module, **hyper) -> torch.optim.AdamW:
 def run_demo(name: str, seed: int, corpus: Corpus, budget: Budget) -> float:
     cfg = replace(demo.DemoConfig(), steps=budget.demo_steps, seed=seed, device="cpu",
                   eval_every=budget.demo_steps)
-    build = None
-    if name == "official":
-        def build(model, cfg):
-            c = model.config
-            return official_optimizer(list(model.named_parameters()), c.dim, c.n_heads,
-                                      c.n_kv_heads, lr=cfg.lr, betas=cfg.betas, eps=1e-8,
-                                      weight_decay=cfg.weight_decay)
+    build = official_demo_optimizer if name == "official" else None
     return demo.run_one(name, cfg, corpus, progress=False, build=build).val_loss
+
+
+def official_demo_optimizer(model: nn.Module, cfg: demo.DemoConfig):
+    """The official optimizer with the demo's hyperparameters (those of its AdamW and AdamMini)."""
+    c = model.config
+    return official_optimizer(list(model.named_parameters()), c.dim, c.n_heads, c.n_kv_heads,
+                              lr=cfg.lr, betas=cfg.betas, eps=1e-8, weight_decay=cfg.weight_decay)
 
 
 # ----- (b) a nanoGPT-like character model ----------------------------------------------------------
@@ -256,7 +259,7 @@ TITLES = {"demo": "demo (Llama-style, 2 layers x 64)",
 # ----- running and reporting -----------------------------------------------------------------------
 def measure(setups: tuple[str, ...], budget: Budget, log: Callable[[str], None]) -> dict:
     """``{setup: {optimizer: {seed: val loss or "fails: ..."}}}``."""
-    corpus = load_corpus()
+    corpus = load_corpus(budget.max_chars)
     results: dict = {}
     for setup in setups:
         results[setup] = {name: {} for name in OPTIMIZERS}
