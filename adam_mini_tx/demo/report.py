@@ -3,11 +3,24 @@ from __future__ import annotations
 
 import io
 import os
+from dataclasses import dataclass, field
 
 from ..checkpoint import write_atomic
-from .train import RunResult
 
 LABELS = {"adamw": "AdamW (torch)", "adam_mini": "Adam-mini (adam_mini_tx)"}
+
+
+@dataclass
+class RunResult:
+    """One optimizer's demo run: final losses, state size, step times and the curves."""
+
+    train_loss: float
+    val_loss: float
+    state_bytes: int
+    step_ms: float
+    train_step_ms: float
+    curve: list = field(default_factory=list)  # (step, train loss)
+    val_curve: list = field(default_factory=list)  # (step, val loss)
 
 
 def table(results: dict[str, RunResult]) -> str:

@@ -7,7 +7,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
@@ -16,6 +16,7 @@ from ..checkpoint import write_atomic
 from ..optim import AdamMini
 from .data import Corpus, load_corpus, sample_batch
 from .model import GPT, GPTConfig
+from .report import RunResult, plot
 
 OPTIMIZERS = ("adamw", "adam_mini")
 EXTRAS_HINT = "pip install adam_mini_tx[demo]"
@@ -38,17 +39,6 @@ class DemoConfig:
     eval_every: int = 100
     eval_batches: int = 8
     max_chars: int = 2_000_000
-
-
-@dataclass
-class RunResult:
-    train_loss: float
-    val_loss: float
-    state_bytes: int
-    step_ms: float
-    train_step_ms: float
-    curve: list = field(default_factory=list)  # (step, train loss)
-    val_curve: list = field(default_factory=list)  # (step, val loss)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -213,7 +203,6 @@ def run_demo(cfg: DemoConfig, out_dir: str, progress: bool = True) -> dict:
     written = [os.path.join(out_dir, "results.json")]
     write_atomic(written[0], lambda handle: handle.write(text))
     if can_plot:
-        from .report import plot
         written.append(os.path.join(out_dir, "loss_and_memory.png"))
         plot(results, written[-1])
     return {"results": results, "corpus": corpus, "payload": payload, "written": written}
