@@ -51,7 +51,8 @@ def main() -> None:
         base = import_at(args.base, Path(folder))
         mode = args.mode
         print(f"| size | AdamW fused ms | {args.base} {mode} | this {mode} | {args.base} {mode}, "
-              f"skip | this {mode}, skip |\n|---|---|---|---|---|---|")
+              f"skip | this {mode}, skip | this / {args.base} | this / {args.base}, skip |\n"
+              f"|---|---|---|---|---|---|---|---|")
         for size in args.sizes.split(","):
             model = llama_model(size)
             named = list(model.named_parameters())
@@ -71,7 +72,8 @@ def main() -> None:
                         samples.append(time.perf_counter() - start)
             medians = [statistics.median(samples) for samples in times]
             print(f"| {size} | {medians[0] * 1e3:.1f} | "
-                  + " | ".join(f"{m / medians[0]:.2f}x" for m in medians[1:]) + " |")
+                  + " | ".join(f"{m / medians[0]:.2f}x" for m in medians[1:])
+                  + f" | {medians[2] / medians[1]:.3f} | {medians[4] / medians[3]:.3f} |")
 
 
 if __name__ == "__main__":
