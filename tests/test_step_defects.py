@@ -391,3 +391,12 @@ def test_a_loaded_state_dtype_follows_an_explicit_state_dtype(explicit):
     fresh.load_state_dict(torch.load(buffer, weights_only=True))
     state = fresh.state[model.layers[0].mlp.up_proj.weight]
     assert state["m"].dtype == state["v"].dtype == (explicit or torch.bfloat16)
+
+
+def test_an_official_checkpoint_given_to_adam_mini_points_to_the_drop_in():
+    model = TinyLlama(layers=1)
+    official = {"state": {}, "param_groups": [
+        {"params": [i], "beta1": 0.9, "beta2": 0.999, "lr": 1e-3, "name": name}
+        for i, (name, _) in enumerate(model.named_parameters())]}
+    with pytest.raises(ValueError, match="official adam-mini package.*adam_mini_tx.Adam_mini"):
+        amx.AdamMini(model.named_parameters(), **HEADS).load_state_dict(official)

@@ -75,8 +75,14 @@ def _device(key: str, value: Any, param: torch.Tensor) -> torch.device:
 def _check_groups(saved_groups: Any, groups: Sequence[Mapping[str, Any]]) -> None:
     if not isinstance(saved_groups, (list, tuple)) or len(saved_groups) != len(groups):
         count = len(saved_groups) if isinstance(saved_groups, (list, tuple)) else "no list of"
+        official = isinstance(saved_groups, (list, tuple)) and bool(saved_groups) and all(
+            isinstance(g, Mapping) and "beta1" in g for g in saved_groups)
         raise ValueError(f"checkpoint has {count} param groups but this optimizer has "
-                         f"{len(groups)}: build the optimizer with the same groups")
+                         f"{len(groups)}: " + (
+                             "it was saved by the official adam-mini package (one group per "
+                             "tensor, beta1/beta2): load it with adam_mini_tx.Adam_mini, which "
+                             "converts it (see docs/migration.md)" if official else
+                             "build the optimizer with the same groups"))
     for index, (saved, group) in enumerate(zip(saved_groups, groups)):
         where = f"checkpoint param group {index}"
         if not isinstance(saved, Mapping) or not isinstance(saved.get("params"), (list, tuple)):
