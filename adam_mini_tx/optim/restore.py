@@ -19,6 +19,7 @@ import torch
 
 from ..planning import BlockPlan
 from .hyperparams import HYPERPARAMETERS, read_hyperparameters
+from .members import group_entries
 from .state import STATE_KEYS, own_copy
 
 logger = logging.getLogger("adam_mini_tx")
@@ -27,9 +28,12 @@ _LAYOUT_FIELDS = ("shape", "perm", "row_dims", "runs")  # what a plan entry mean
 
 
 def restored(state_dict: Any, groups: Sequence[Mapping[str, Any]], plan: BlockPlan,
-             state_dtype: torch.dtype | None) -> tuple[list[dict[str, Any]], dict]:
+             state_dtype: torch.dtype | None, originals: Mapping[str, torch.Tensor]
+             ) -> tuple[list[dict[str, Any]], dict]:
     """The param groups and state that loading ``state_dict`` gives (see the module
-    docstring). State keeps its saved dtype unless ``state_dtype`` was given explicitly."""
+    docstring). State keeps its saved dtype unless ``state_dtype`` was given explicitly.
+    ``originals``: name -> the parameter the optimizer was given (a group whose tensors
+    DeepSpeed replaced by flat partitions is checked against those partitions)."""
     if not isinstance(state_dict, Mapping) or "param_groups" not in state_dict \
             or not isinstance(state_dict.get("state"), Mapping):
         raise ValueError("not an optimizer state dict: expected a mapping with 'state' (a "
@@ -41,15 +45,16 @@ def restored(state_dict: Any, groups: Sequence[Mapping[str, Any]], plan: BlockPl
         _check_plan(state_dict["plan"], plan, rename)
     known = set()
     state: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
-    for saved, group in zip(saved_groups, groups):
+    layouts = plan.layouts()
+    for number, (saved, group) in enumerate(zip(saved_groups, groups)):
         known.update(saved["params"])
-        for index, name, param in zip(saved["params"], group["param_names"], group["params"]):
+        for index, entry in zip(saved["params"], group_entries(group, number, originals, layouts)):
             slots = state_dict["state"].get(index)
             if slots is not None:
-                _check_slots(name, param, slots, plan[name].layout.v_shape)
-                state[param] = {key: own_copy(value, _device(key, value, param),
-                                              None if key == "step" else state_dtype)
-                                for key, value in slots.items()}
+                _check_slots(entry.name, entry.param, slots, entry.v_shape)
+                state[entry.param] = {key: own_copy(value, _device(key, value, entry.param),
+                                                    None if key == "step" else state_dtype)
+                                      for key, value in slots.items()}
     unknown = [index for index in state_dict["state"] if index not in known]
     if unknown:
         raise ValueError(f"checkpoint has state for parameter ids {unknown[:5]} that no param "

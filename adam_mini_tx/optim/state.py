@@ -34,6 +34,16 @@ def new_slots(name: str, param: torch.Tensor, layout: BlockLayout,
     return adam_mini_slots(tx.init({name: param}), name)
 
 
+def new_flat_slots(partition: torch.Tensor, v_shape: tuple[int, ...],
+                   state_dtype: torch.dtype | None) -> Slots:
+    """Fresh state of a flat partition (DeepSpeed ZeRO): ``m`` like the partition, ``v`` one
+    value per block of its pieces (:class:`~adam_mini_tx.distributed.FlatPartition`)."""
+    dtype = state_dtype or partition.dtype
+    return {"step": torch.zeros((), dtype=torch.int64),
+            "m": torch.zeros_like(partition, dtype=dtype),
+            "v": torch.zeros(v_shape, dtype=dtype, device=partition.device)}
+
+
 def chain_step(tx: GradientTransformation, params: Mapping[str, torch.Tensor],
                grads: Mapping[str, torch.Tensor], slots: Mapping[str, Mapping[str, torch.Tensor]],
                row_sums: Mapping[str, torch.Tensor] | None = None
@@ -61,4 +71,4 @@ def own_copy(value: Any, device: torch.device, dtype: torch.dtype | None = None)
     return value.to(device=device, dtype=dtype or value.dtype, copy=True)
 
 
-__all__ = ["STATE_KEYS", "Slots", "new_slots", "chain_step", "bump_steps", "own_copy"]
+__all__ = ["STATE_KEYS", "Slots", "new_slots", "new_flat_slots", "chain_step", "bump_steps", "own_copy"]

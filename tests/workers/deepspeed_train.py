@@ -1,0 +1,181 @@
+"""DeepSpeed ZeRO scenarios for tests/test_deepspeed.py, all in one 2-process launch:
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/workers/deepspeed_train.py OUT
+
+Every scenario trains the same model on the same batches (every rank sees the whole batch, so
+the averaged gradient is the single-process gradient); rank 0 saves ``OUT/results.pt``.
+The model: 5 query heads of 8 rows and 1 KV head (GQA), a vocabulary of 33 rows, so that ZeRO's
+cuts fall inside heads, rows and single-block tensors (the test checks where they fall).
+"""
+from __future__ import annotations
+
+import io
+import logging
+import os
+import sys
+import tempfile
+import traceback
+
+import deepspeed
+import torch
+import torch.nn.functional as F
+
+import adam_mini_tx as amx
+from adam_mini_tx.demo.model import GPT, GPTConfig
+from adam_mini_tx.optim.members import group_entries
+
+CONFIG = GPTConfig(vocab_size=33, dim=40, n_layers=2, n_heads=5, n_kv_heads=1, hidden=72,
+                   max_seq=16)
+STEPS, CHECKPOINT_AT = 10, 5
+HYPER = dict(lr=2e-3, betas=(0.9, 0.95), weight_decay=0.1)
+
+
+def make_model() -> GPT:
+    torch.manual_seed(0)
+    return GPT(CONFIG)
+
+
+def batch(step: int) -> torch.Tensor:
+    return torch.randint(0, CONFIG.vocab_size, (4, 13),
+                         generator=torch.Generator().manual_seed(100 + step))
+
+
+def loss_of(model, tokens: torch.Tensor) -> torch.Tensor:
+    logits = model(tokens[:, :-1])
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+
+
+def make_optimizer(model, kind: str = "AdamMini"):
+    if kind == "AdamMini":
+        return amx.AdamMini(model.named_parameters(), n_heads=CONFIG.n_heads,
+                            n_kv_heads=CONFIG.n_kv_heads, **HYPER)
+    if kind == "Adam_mini":
+        return amx.Adam_mini(named_parameters=model.named_parameters(), dim=CONFIG.dim,
+                             n_heads=CONFIG.n_heads, n_kv_heads=CONFIG.n_kv_heads, **HYPER)
+    import adam_mini  # the official 1.1.1
+    return adam_mini.Adam_mini(named_parameters=model.named_parameters(), dim=CONFIG.dim,
+                               n_heads=CONFIG.n_heads, n_kv_heads=CONFIG.n_kv_heads,
+                               verbose=False, **HYPER)
+
+
+def config(stage: int, bf16: bool = False, offload: bool = False) -> dict:
+    zero = {"stage": stage}
+    if offload:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    return {"train_batch_size": 2, "train_micro_batch_size_per_gpu": 1,
+            "zero_optimization": zero, "bf16": {"enabled": bf16},
+            "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False,
+            "gradient_clipping": 0.0, "steps_per_print": 10**9}
+
+
+def engine_for(stage, bf16=False, offload=False, kind="AdamMini"):
+    model = make_model()
+    opt = make_optimizer(model, kind)
+    cuts: set[str] = set()
+    if kind != "official":
+        def record(optimizer, args, kwargs):  # the pieces this rank steps
+            layouts = optimizer.plan.layouts()
+            for index, group in enumerate(optimizer.param_groups):
+                for entry in group_entries(group, index, optimizer._originals, layouts):
+                    if entry.partition is not None:
+                        cuts.update(piece.name for piece in entry.partition.pieces)
+        opt.register_step_pre_hook(record)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt,
+                                      config=config(stage, bf16, offload))
+    return engine, opt, cuts
+
+
+def train(engine, steps) -> None:
+    for step in steps:
+        loss = loss_of(engine, batch(step))
+        engine.backward(loss)
+        engine.step()
+
+
+def full_params(engine) -> dict[str, torch.Tensor]:
+    params = list(engine.module.named_parameters())
+    with deepspeed.zero.GatheredParameters([p for _, p in params]):
+        return {name: p.detach().float().clone() for name, p in params}
+
+
+def state_bytes(opt) -> int:
+    return sum(value.numel() * value.element_size() for slots in opt.state.values()
+               for key, value in slots.items() if key in ("m", "v"))
+
+
+def single_process(kind: str) -> tuple[dict, int]:
+    model = make_model()
+    opt = make_optimizer(model, kind)
+    for step in range(STEPS):
+        opt.zero_grad()
+        loss_of(model, batch(step)).backward()
+        opt.step()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, state_bytes(opt)
+
+
+def run(stage, bf16=False, offload=False, kind="AdamMini") -> dict:
+    engine, opt, cuts = engine_for(stage, bf16, offload, kind)
+    train(engine, range(STEPS))
+    gathered = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, (state_bytes(opt), sorted(cuts)))
+    return {"params": full_params(engine), "state_bytes": [g[0] for g in gathered],
+            "cuts": [g[1] for g in gathered], "skipped": engine.skipped_steps}
+
+
+def resumed(stage: int) -> dict[str, torch.Tensor]:
+    """Save at CHECKPOINT_AT, load into a fresh model, optimizer and engine, continue."""
+    with tempfile.TemporaryDirectory() as scratch:
+        path = [scratch]
+        torch.distributed.broadcast_object_list(path)  # one directory for both ranks
+        engine, _, _ = engine_for(stage)
+        train(engine, range(CHECKPOINT_AT))
+        engine.save_checkpoint(path[0], tag="ckpt")
+        engine, _, _ = engine_for(stage)
+        engine.load_checkpoint(path[0], tag="ckpt")
+        train(engine, range(CHECKPOINT_AT, STEPS))
+        params = full_params(engine)
+        torch.distributed.barrier()
+    return params
+
+
+def failure(stage: int) -> str:
+    """The official 1.1.1 under ``stage``: the error it raises (or "" if it ran)."""
+    try:
+        engine, _, _ = engine_for(stage, kind="official")
+        train(engine, range(2))
+        return ""
+    except Exception as error:  # noqa: BLE001  (the reference's failure is the result)
+        return f"{type(error).__name__}: {error}"
+
+
+def main(out: str) -> None:
+    deepspeed.init_distributed(dist_backend="gloo")
+    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+    results: dict = {"reference": single_process("AdamMini"),
+                     "reference_drop_in": single_process("Adam_mini")}
+    scenarios = {
+        **{f"stage{s}": (run, (s,)) for s in (0, 1, 2, 3)},
+        **{f"stage{s}_bf16": (run, (s, True)) for s in (0, 1, 2, 3)},
+        "stage2_offload": (run, (2, False, True)),
+        "stage3_offload": (run, (3, False, True)),
+        "stage3_drop_in": (run, (3, False, False, "Adam_mini")),
+        **{f"resume{s}": (resumed, (s,)) for s in (1, 2, 3)},
+        **{f"official{s}": (failure, (s,)) for s in (0, 1, 2, 3)},
+    }
+    only = os.environ.get("DS_SCENARIOS")
+    for name, (function, args) in scenarios.items():
+        if only and name not in only.split(","):
+            continue
+        try:
+            results[name] = function(*args)
+        except Exception:  # noqa: BLE001  (reported to the test, which names the scenario)
+            results[name] = {"error": traceback.format_exc()}
+    if torch.distributed.get_rank() == 0:
+        buffer = io.BytesIO()
+        torch.save(results, buffer)
+        with open(os.path.join(out, "results.pt"), "wb") as file:
+            file.write(buffer.getvalue())
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
