@@ -42,6 +42,12 @@ def deepspeed_partitions(params: Sequence[torch.Tensor], names: Sequence[str],
             "parameters only, so the frozen ones lose their names: give AdamMini only the "
             "trainable parameters ((n, p) for n, p in model.named_parameters() if "
             "p.requires_grad), or use ZeRO stage 1")
+    for name, param in trainable:
+        numel = getattr(param, "ds_numel", param.numel())
+        if layouts[name].num_rows * layouts[name].row_numel != numel:
+            raise ValueError(f"parameter {name!r} has {numel} elements but its block plan entry "
+                             f"has shape {layouts[name].shape}: plan the model before DeepSpeed "
+                             f"partitions it (not under deepspeed.zero.Init), or pass plan=")
     found = []
     for flat in params:
         if isinstance(getattr(flat, "ds_id", None), str):
@@ -118,13 +124,7 @@ def _stage3(flat: torch.Tensor, trainable: list[tuple[str, torch.Tensor]],
 def _partition(flat: torch.Tensor, members: list[tuple[str, torch.Tensor]],
                fragments: list[Fragment], layouts: Mapping[str, BlockLayout],
                group: Any) -> FlatPartition:
-    """The checks every kind shares, then the partition."""
-    for name, param in members:
-        numel = getattr(param, "ds_numel", param.numel())
-        if layouts[name].num_rows * layouts[name].row_numel != numel:
-            raise ValueError(f"parameter {name!r} has {numel} elements but its block plan entry "
-                             f"has shape {layouts[name].shape}: plan the model before DeepSpeed "
-                             f"partitions it (not under deepspeed.zero.Init), or pass plan=")
+    """The partition, after checking its process group."""
     if group is not None and torch.distributed.get_world_size(group) != \
             torch.distributed.get_world_size():
         raise NotImplementedError(

@@ -119,7 +119,8 @@ def run(stage, bf16=False, offload=False, kind="AdamMini") -> dict:
     gathered = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(gathered, (state_bytes(opt), sorted(cuts)))
     return {"params": full_params(engine), "state_bytes": [g[0] for g in gathered],
-            "cuts": [g[1] for g in gathered], "skipped": engine.skipped_steps}
+            "cuts": [g[1] for g in gathered], "skipped": engine.skipped_steps,
+            "steps": sorted({int(slots["step"]) for slots in opt.state.values()})}
 
 
 def resumed(stage: int) -> dict[str, torch.Tensor]:
@@ -158,7 +159,7 @@ def main(out: str) -> None:
         **{f"stage{s}_bf16": (run, (s, True)) for s in (0, 1, 2, 3)},
         "stage2_offload": (run, (2, False, True)),
         "stage3_offload": (run, (3, False, True)),
-        "stage3_drop_in": (run, (3, False, False, "Adam_mini")),
+        **{f"stage{s}_drop_in": (run, (s, False, False, "Adam_mini")) for s in (1, 3)},
         **{f"resume{s}": (resumed, (s,)) for s in (1, 2, 3)},
         **{f"official{s}": (failure, (s,)) for s in (0, 1, 2, 3)},
     }
