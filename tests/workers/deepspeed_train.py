@@ -17,6 +17,7 @@ import tempfile
 import traceback
 
 import deepspeed
+import deepspeed.comm.torch  # noqa: F401  (patched in main)
 import torch
 import torch.nn.functional as F
 
@@ -150,6 +151,9 @@ def failure(stage: int) -> str:
 
 
 def main(out: str) -> None:
+    # DeepSpeed JIT-compiles a shared-memory allreduce for CPU on its first run (~2 min, needs
+    # g++ and ninja); its own collectives fall back to gloo without it, and ours use gloo anyway
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend="gloo")
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
     results: dict = {"reference": single_process("AdamMini"),
