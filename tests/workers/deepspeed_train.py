@@ -25,20 +25,17 @@ import adam_mini_tx as amx
 from adam_mini_tx.demo.model import GPT, GPTConfig
 from adam_mini_tx.optim.members import group_entries
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from dist_worker import CHECKPOINT_AT, STEPS, batch  # noqa: E402  (the FSDP tests' batches)
+
 CONFIG = GPTConfig(vocab_size=33, dim=40, n_layers=2, n_heads=5, n_kv_heads=1, hidden=72,
                    max_seq=16)
-STEPS, CHECKPOINT_AT = 10, 5
 HYPER = dict(lr=2e-3, betas=(0.9, 0.95), weight_decay=0.1)
 
 
 def make_model() -> GPT:
     torch.manual_seed(0)
     return GPT(CONFIG)
-
-
-def batch(step: int) -> torch.Tensor:
-    return torch.randint(0, CONFIG.vocab_size, (4, 13),
-                         generator=torch.Generator().manual_seed(100 + step))
 
 
 def loss_of(model, tokens: torch.Tensor) -> torch.Tensor:
