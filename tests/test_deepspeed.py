@@ -87,6 +87,18 @@ def test_partition_boundaries_cut_rows_heads_and_tensors(results):
     assert any(e % shapes[n][1] for n, e in zero3 if "embed_tokens" in n)  # inside a row
 
 
+@pytest.mark.parametrize("scenario", ["stage2_groups", "stage3_groups"])
+def test_param_groups_equal_single_process(results, scenario):
+    """Two groups (matrices; vectors with their own lr and no decay): one partition each."""
+    errors = relative_errors(results[scenario]["params"], results["reference_groups"][0])
+    assert max(errors.values()) < 1e-6, errors
+
+
+def test_zero3_steps_each_sub_group(results):
+    assert results["stage3"]["partitions"] > 2  # sub_group_size cuts the model's slices
+    assert results["stage2"]["partitions"] == 1
+
+
 @pytest.mark.parametrize("scenario", ["stage1", "stage2", "stage3"])
 def test_state_per_rank_is_about_half(results, scenario):
     single = results["reference"][1]

@@ -119,3 +119,21 @@ def test_unsupported_permutation_is_refused():
     layout = amx.blocks.per_row((2, 3, 4), axis=1)
     with pytest.raises(NotImplementedError, match="permutes the axes"):
         flat_partition("p", [Fragment("w", 0, 0, 24)], [("w", layout)], None)
+
+
+@pytest.mark.parametrize("policy", ["skip", "raise"])
+def test_a_nonfinite_gradient_on_another_rank_stops_this_rank_too(policy):
+    """This rank's gradient is finite, the all-reduced row sums are not: it skips (or raises)
+    like the rank that holds the NaN, instead of writing non-finite statistics."""
+    from adam_mini_tx.optim.nonfinite import decide
+    part = flat_partition("rank 0", [Fragment("w", 0, 0, 3)],
+                          [("w", amx.blocks.per_row((2, 3)))], None)
+    member = Member(part.name, torch.zeros(3), torch.ones(3), {}, part)
+    sums = {part.name: torch.tensor([3.0, float("nan")])}  # rank 1's row holds a NaN
+    flags = [torch.isfinite(sums[part.name]).all()]
+    if policy == "raise":
+        with pytest.raises(FloatingPointError, match="DeepSpeed|rank 0"):
+            decide(policy, [member], sums, flags, {})
+    else:
+        decision = decide(policy, [member], sums, flags, {})
+        assert not decision.apply and decision.bad == [part.name]

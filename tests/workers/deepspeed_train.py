@@ -31,6 +31,7 @@ from dist_worker import CHECKPOINT_AT, STEPS, batch  # noqa: E402  (the FSDP tes
 CONFIG = GPTConfig(vocab_size=33, dim=40, n_layers=2, n_heads=5, n_kv_heads=1, hidden=72,
                    max_seq=16)
 HYPER = dict(lr=2e-3, betas=(0.9, 0.95), weight_decay=0.1)
+SUB_GROUP_SIZE = 4000  # ZeRO-3 steps the optimizer once per sub-group of about this many elements
 
 
 def make_model() -> GPT:
@@ -47,9 +48,16 @@ def make_optimizer(model, kind: str = "AdamMini"):
     if kind == "AdamMini":
         return amx.AdamMini(model.named_parameters(), n_heads=CONFIG.n_heads,
                             n_kv_heads=CONFIG.n_kv_heads, **HYPER)
-    if kind == "Adam_mini":
+    if kind == "groups":  # matrices and vectors with their own lr and decay
+        named = list(model.named_parameters())
+        return amx.AdamMini([{"params": [(n, p) for n, p in named if p.dim() > 1]},
+                             {"params": [(n, p) for n, p in named if p.dim() < 2],
+                              "lr": 5e-3, "weight_decay": 0.0}],
+                            n_heads=CONFIG.n_heads, n_kv_heads=CONFIG.n_kv_heads, **HYPER)
+    if kind == "Adam_mini":  # as LLaMA-Factory builds it
         return amx.Adam_mini(named_parameters=model.named_parameters(), dim=CONFIG.dim,
-                             n_heads=CONFIG.n_heads, n_kv_heads=CONFIG.n_kv_heads, **HYPER)
+                             n_heads=CONFIG.n_heads, n_kv_heads=CONFIG.n_kv_heads,
+                             model_sharding=True, **HYPER)
     import adam_mini  # the official 1.1.1
     return adam_mini.Adam_mini(named_parameters=model.named_parameters(), dim=CONFIG.dim,
                                n_heads=CONFIG.n_heads, n_kv_heads=CONFIG.n_kv_heads,
@@ -57,7 +65,7 @@ def make_optimizer(model, kind: str = "AdamMini"):
 
 
 def config(stage: int, bf16: bool = False, offload: bool = False) -> dict:
-    zero = {"stage": stage}
+    zero = {"stage": stage, "sub_group_size": SUB_GROUP_SIZE} if stage == 3 else {"stage": stage}
     if offload:
         zero["offload_optimizer"] = {"device": "cpu"}
     return {"train_batch_size": 2, "train_micro_batch_size_per_gpu": 1,
@@ -118,7 +126,8 @@ def run(stage, bf16=False, offload=False, kind="AdamMini") -> dict:
     torch.distributed.all_gather_object(gathered, (state_bytes(opt), sorted(cuts)))
     return {"params": full_params(engine), "state_bytes": [g[0] for g in gathered],
             "cuts": [g[1] for g in gathered], "skipped": engine.skipped_steps,
-            "steps": sorted({int(slots["step"]) for slots in opt.state.values()})}
+            "steps": sorted({int(slots["step"]) for slots in opt.state.values()}),
+            "partitions": len(opt.state)}
 
 
 def resumed(stage: int) -> dict[str, torch.Tensor]:
@@ -154,13 +163,15 @@ def main(out: str) -> None:
     deepspeed.init_distributed(dist_backend="gloo")
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
     results: dict = {"reference": single_process("AdamMini"),
-                     "reference_drop_in": single_process("Adam_mini")}
+                     "reference_drop_in": single_process("Adam_mini"),
+                     "reference_groups": single_process("groups")}
     scenarios = {
         **{f"stage{s}": (run, (s,)) for s in (0, 1, 2, 3)},
         **{f"stage{s}_bf16": (run, (s, True)) for s in (0, 1, 2, 3)},
         "stage2_offload": (run, (2, False, True)),
         "stage3_offload": (run, (3, False, True)),
         **{f"stage{s}_drop_in": (run, (s, False, False, "Adam_mini")) for s in (1, 3)},
+        **{f"stage{s}_groups": (run, (s, False, False, "groups")) for s in (2, 3)},
         **{f"resume{s}": (resumed, (s,)) for s in (1, 2, 3)},
         **{f"official{s}": (failure, (s,)) for s in (0, 1, 2, 3)},
     }
