@@ -15,7 +15,9 @@ from torch import nn
 import adam_mini_tx as amx
 from adam_mini_tx.demo.model import GPT, GPTConfig
 from adam_mini_tx.distributed import Fragment, flat_partition
+from adam_mini_tx.distributed.flat import PIECE_ELEMENTS
 from adam_mini_tx.optim.backends import FlatBackend
+from adam_mini_tx.optim.backends import flat as flat_backend
 from adam_mini_tx.optim.hyperparams import read_hyperparameters
 from adam_mini_tx.optim.members import Member
 from adam_mini_tx.optim.state import new_flat_slots
@@ -41,7 +43,7 @@ def llama_gqa():
                           max_seq=4)), dict(n_heads=3, n_kv_heads=1))
 
 
-def simulated_ranks(named, cuts, layouts):
+def simulated_ranks(named, cuts, layouts, piece_elements):
     """Per rank: (flat partition, its fragments' partition) of the concatenated parameters."""
     offsets, total = {}, 0
     for name, p in named:
@@ -56,14 +58,16 @@ def simulated_ranks(named, cuts, layouts):
             if lo < hi:
                 fragments.append(Fragment(name, lo - offsets[name], lo - a, hi - lo))
         partition = flat_partition(f"rank {len(ranks)}", fragments,
-                                   [(n, layouts[n]) for n, _ in named], None)
+                                   [(n, layouts[n]) for n, _ in named], None, piece_elements)
         ranks.append((a, b, partition))
     return ranks, offsets, total
 
 
+@pytest.mark.parametrize("piece_elements", [PIECE_ELEMENTS, 50])  # 50: rows in many pieces
 @pytest.mark.parametrize("seed", range(2))
 @pytest.mark.parametrize("make", [gpt2_with_experts, llama_gqa])
-def test_flat_partitions_equal_single_process(make, seed):
+def test_flat_partitions_equal_single_process(make, seed, piece_elements, monkeypatch):
+    monkeypatch.setattr(flat_backend, "PIECE_ELEMENTS", piece_elements)  # chain calls too
     model, dims = make()
     named = [(n, p) for n, p in model.named_parameters()]
     reference = amx.AdamMini(named, plan=model if not dims else None, lr=1e-2,
@@ -72,7 +76,9 @@ def test_flat_partitions_equal_single_process(make, seed):
     total = sum(p.numel() for _, p in named)
     rng = random.Random(seed)
     cuts = sorted(rng.sample(range(1, total), 5))
-    ranks, offsets, _ = simulated_ranks(named, cuts, layouts)
+    ranks, offsets, _ = simulated_ranks(named, cuts, layouts, piece_elements)
+    pieces = [piece for _, _, part in ranks for piece in part.pieces]
+    assert (len(pieces) > 3 * len(named) + 3) == (piece_elements == 50), len(pieces)
     flat = torch.cat([p.detach().reshape(-1) for _, p in named] + [torch.zeros(3)])
     flats = [flat[a:b].clone() for a, b, _ in ranks]
     slots = [new_flat_slots(f, (part.v_numel,), None) for f, (_, _, part) in zip(flats, ranks)]

@@ -2,10 +2,10 @@
 
 A flat partition holds *fragments*: elements ``[start, start + numel)`` of a parameter's
 row-major flattening, at ``offset`` in the partition. A fragment may begin or end inside a row,
-a head or any block. It is cut into at most three *pieces*, each a 2-D view of the partition
-(1-D for a 1-D parameter) holding the layout rows ``[r0, r1)`` of the parameter, whole or in part:
+a head or any block. It is cut into *pieces*, each a 2-D view of the partition (1-D for a 1-D
+parameter) holding the layout rows ``[r0, r1)`` of the parameter, whole or in part:
 
-    the head piece (the end of a row)  |  whole rows  |  the tail piece (the start of a row)
+    the end of a row  |  whole rows (in pieces of at most PIECE_ELEMENTS)  |  the start of a row
 
 Each piece gets its own :class:`~adam_mini_tx.core.blocks.BlockLayout`: the parameter's blocks
 clipped to the piece's rows, so a block cut by the partition is a shorter block of the piece.
@@ -102,15 +102,21 @@ class FlatPartition(NamedTuple):
         return offsets
 
 
+PIECE_ELEMENTS = 2**20
+"""At most this many elements in a piece of whole rows (more rows are more pieces), and in the
+pieces of one chain call: the step's temporaries stay small whatever the partition's size."""
+
+
 def flat_partition(name: str, fragments: Sequence[Fragment],
-                   params: Sequence[tuple[str, BlockLayout]], process_group: Any) -> FlatPartition:
+                   params: Sequence[tuple[str, BlockLayout]], process_group: Any,
+                   piece_elements: int = PIECE_ELEMENTS) -> FlatPartition:
     """The partition ``name`` holding ``fragments`` of ``params`` (every parameter whose
     statistics its ranks sum, in the same order on every rank)."""
     layouts = dict(params)
     pieces: list[Piece] = []
     v_numel = 0
     for fragment in fragments:
-        for offset, shape, rows in _cuts(fragment, layouts[fragment.name]):
+        for offset, shape, rows in _cuts(fragment, layouts[fragment.name], piece_elements):
             layout = _piece_layout(layouts[fragment.name], shape, rows.start, rows.stop)
             first = fragment.start + offset - fragment.offset
             pieces.append(Piece(f"{fragment.name}[{first}:{first + _numel(shape)}]",
@@ -128,7 +134,8 @@ def _view(tensor: torch.Tensor, piece: Piece) -> torch.Tensor:
     return tensor.narrow(0, piece.offset, _numel(piece.shape)).view(piece.shape)
 
 
-def _cuts(fragment: Fragment, layout: BlockLayout) -> list[tuple[int, tuple[int, ...], slice]]:
+def _cuts(fragment: Fragment, layout: BlockLayout, piece_elements: int
+          ) -> list[tuple[int, tuple[int, ...], slice]]:
     """``(offset in the partition, view shape, layout rows)`` of the fragment's pieces."""
     if layout.perm == tuple(range(len(layout.shape))):
         width, transposed = layout.row_numel, False  # a row: `width` consecutive elements
@@ -147,7 +154,7 @@ def _cuts(fragment: Fragment, layout: BlockLayout) -> list[tuple[int, tuple[int,
             stop = min(end, (row + 1) * width)
             count, shape = 1, (1, stop - position)
         else:  # whole stored rows
-            count = (end - position) // width
+            count = min((end - position) // width, max(1, piece_elements // width))
             stop, shape = position + count * width, (count, width)
         rows = slice(column, column + shape[1]) if transposed else slice(row, row + count)
         if len(layout.shape) < 2:
@@ -193,4 +200,4 @@ def _clipped(runs: Runs, r0: int, r1: int) -> Runs:
     return tuple(merged)
 
 
-__all__ = ["Fragment", "Piece", "FlatPartition", "flat_partition"]
+__all__ = ["PIECE_ELEMENTS", "Fragment", "Piece", "FlatPartition", "flat_partition"]

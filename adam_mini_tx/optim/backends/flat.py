@@ -6,7 +6,8 @@ the partition's group over its pieces and all-reduces them over the ranks (one c
 ``O(rows)`` values per partition, made on every rank in the same order); ``apply`` runs the chain
 on the pieces (views of the partition, its gradient, ``m`` and ``v``) with the row sums that make
 every piece's block statistic the whole block's (``FlatPartition.piece_row_sums``), in place
-(donated), with each piece's weight decay decided by its parameter's name and shape.
+(donated), in calls of at most ``PIECE_ELEMENTS`` elements (one chunk's temporaries), with each
+piece's weight decay decided by its parameter's name and shape.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import torch
 from ...core.base import to_dtype
 from ...core.blocks import BlockLayout
 from ...core.donation import Workspace, donating
+from ...distributed.flat import PIECE_ELEMENTS
 from ...functional.alias import DECAY_MASKS
 from ..hyperparams import Hyper, chain_for
 from ..members import Member
@@ -29,7 +31,7 @@ class FlatWork(NamedTuple):
 
 
 class FlatBackend:
-    """See the module docstring; keeps one :class:`Workspace` (one partition's temporaries)."""
+    """See the module docstring; keeps one :class:`Workspace` (one chunk's temporaries)."""
 
     def __init__(self) -> None:
         self.workspace = Workspace()
@@ -60,14 +62,30 @@ class FlatBackend:
                            lambda name, tensor: labels[name])
             params, grads = partition.views(member.param), partition.views(member.grad)
             m, v = partition.views(member.state["m"]), partition.v_views(member.state["v"])
-            slots = {name: {"step": member.state["step"], "m": m[name], "v": v[name]}
-                     for name in params}
-            with donating(self.workspace):
-                updates, _ = chain_step(tx, params, grads, slots,
-                                        partition.piece_row_sums(sums[member.name]))
-            for name, param in params.items():
-                param.add_(to_dtype(updates[name], param.dtype))
+            given = partition.piece_row_sums(sums[member.name])
+            for chunk in _chunks(list(params), {n: p.numel() for n, p in params.items()}):
+                slots = {name: {"step": member.state["step"], "m": m[name], "v": v[name]}
+                         for name in chunk}
+                with donating(self.workspace):
+                    updates, _ = chain_step(tx, {n: params[n] for n in chunk},
+                                            {n: grads[n] for n in chunk}, slots,
+                                            {n: given[n] for n in chunk})
+                for name in chunk:
+                    params[name].add_(to_dtype(updates[name], params[name].dtype))
             written.append(member)
+
+
+def _chunks(names: list[str], sizes: dict[str, int]) -> list[list[str]]:
+    """``names`` in order, packed into chain calls of at most ``PIECE_ELEMENTS`` elements."""
+    packed: list[list[str]] = []
+    filled = PIECE_ELEMENTS
+    for name in names:
+        if filled + sizes[name] > PIECE_ELEMENTS:
+            packed.append([])
+            filled = 0
+        packed[-1].append(name)
+        filled += sizes[name]
+    return packed
 
 
 __all__ = ["FlatBackend", "FlatWork"]
