@@ -48,7 +48,8 @@ def make_optimizer(model, kind: str = "AdamMini"):
     if kind == "AdamMini":
         return amx.AdamMini(model.named_parameters(), n_heads=CONFIG.n_heads,
                             n_kv_heads=CONFIG.n_kv_heads, **HYPER)
-    if kind == "groups":  # matrices and vectors with their own lr and decay
+    if kind == "groups":  # matrices and vectors with their own lr and decay; one frozen tensor
+        model.pos_embed.weight.requires_grad_(False)
         named = list(model.named_parameters())
         return amx.AdamMini([{"params": [(n, p) for n, p in named if p.dim() > 1]},
                              {"params": [(n, p) for n, p in named if p.dim() < 2],
