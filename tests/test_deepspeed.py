@@ -5,7 +5,7 @@ tests/workers/deepspeed_train.py runs every scenario; the tests read its results
   on a GQA model whose partition boundaries cut rows, heads and single-block tensors;
 - optimizer state per rank is about half the single-process state;
 - save -> load -> continue is bit-identical to the uninterrupted run;
-- DeepSpeed bf16 runs under every stage; the Adam_mini drop-in works too;
+- DeepSpeed bf16 runs under every stage; the Adam_mini drop-in and the HF Trainer work too;
 - the official adam-mini 1.1.1 fails under stages 1-3 (the failure this fixes).
 """
 import os
@@ -134,6 +134,14 @@ def test_drop_in_equals_single_process(results, stage):
     errors = relative_errors(results[f"stage{stage}_drop_in"]["params"],
                              results["reference_drop_in"][0])
     assert max(errors.values()) < 1e-6, errors
+
+
+def test_hf_trainer_with_a_deepspeed_config_steps_adam_mini(results):
+    """The Trainer drops ``optimizers=(opt, None)`` under DeepSpeed and calls create_optimizer:
+    overriding it (as LLaMA-Factory does) hands AdamMini to ZeRO-2's flat partition."""
+    run = results["hf_trainer"]
+    assert run["inner"] == "AdamMini" and run["steps"] == [w.STEPS]
+    assert len(run["partitions"]) == 1 and run["partitions"][0].startswith("<DeepSpeed partition")
 
 
 def test_official_1_1_1_fails_under_zero_1_2_3(results):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import traceback
@@ -147,6 +148,46 @@ def resumed(stage: int) -> dict[str, torch.Tensor]:
     return params
 
 
+def hf_trainer(stage: int) -> dict:
+    """The HF Trainer with a DeepSpeed config: it drops an optimizer passed to ``Trainer(...)``
+    and calls ``create_optimizer``, which is where AdamMini goes (as LLaMA-Factory does)."""
+    import transformers
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gpt = make_model()
+
+        def forward(self, tokens):
+            return {"loss": loss_of(self.gpt, tokens)}
+
+    class AdamMiniTrainer(transformers.Trainer):
+        def create_optimizer(self, model=None):
+            if self.optimizer is None:
+                self.optimizer = amx.AdamMini(self.model.named_parameters(), n_heads=CONFIG.n_heads,
+                                              n_kv_heads=CONFIG.n_kv_heads, **HYPER)
+            return self.optimizer
+
+    auto = dict.fromkeys(("train_batch_size", "train_micro_batch_size_per_gpu",
+                          "gradient_accumulation_steps", "gradient_clipping"), "auto")
+    scratch = tempfile.mkdtemp()
+    args = transformers.TrainingArguments(
+        output_dir=scratch, per_device_train_batch_size=2, max_steps=STEPS, use_cpu=True,
+        deepspeed={**config(stage), **auto}, report_to=[], save_strategy="no",
+        remove_unused_columns=False, ddp_backend="gloo", disable_tqdm=True,
+        learning_rate=HYPER["lr"], lr_scheduler_type="constant")
+    data = [{"tokens": batch(step)[0]} for step in range(4 * STEPS)]
+    trainer = AdamMiniTrainer(model=Wrapped(), args=args, train_dataset=data)
+    trainer.train()
+    shutil.rmtree(scratch, ignore_errors=True)
+    inner = trainer.deepspeed.optimizer.optimizer
+    return {"inner": type(inner).__name__,
+            "steps": sorted({int(slots["step"]) for slots in inner.state.values()}),
+            "partitions": [entry.name for index, group in enumerate(inner.param_groups)
+                           for entry in group_entries(group, index, inner._originals,
+                                                      inner.plan.layouts())]}
+
+
 def failure(stage: int) -> str:
     """The official 1.1.1 under ``stage``: the error it raises (or "" if it ran)."""
     try:
@@ -175,6 +216,7 @@ def main(out: str) -> None:
         **{f"stage{s}_groups": (run, (s, False, False, "groups")) for s in (2, 3)},
         **{f"resume{s}": (resumed, (s,)) for s in (1, 2, 3)},
         **{f"official{s}": (failure, (s,)) for s in (0, 1, 2, 3)},
+        "hf_trainer": (hf_trainer, (2,)),  # last: it sets up accelerate's global state
     }
     only = os.environ.get("DS_SCENARIOS")
     for name, (function, args) in scenarios.items():
