@@ -79,8 +79,11 @@ class FlatPartition(NamedTuple):
         """Given :meth:`row_sums`, each piece's row sums that make its block means the whole
         blocks' means: ``mean_{block(r)} * row_numel(piece)`` for its row ``r``."""
         offsets = self._row_offsets()
+        held = {piece.param_name for piece in self.pieces}
         per_row = {}
         for (name, layout), first, end in zip(self.params, offsets, offsets[1:]):
+            if name not in held:
+                continue
             rows = total[first:end]
             means = layout.blocks_from_row_sums(rows.reshape(layout.row_shape))
             per_row[name] = layout.expand(means).reshape(-1)
@@ -164,7 +167,7 @@ def _cuts(fragment: Fragment, layout: BlockLayout, piece_elements: int
     return cuts
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=2**16)  # every piece of a large model, rebuilt at each step
 def _piece_layout(layout: BlockLayout, shape: tuple[int, ...], r0: int, r1: int) -> BlockLayout:
     """``layout``'s blocks clipped to its rows ``[r0, r1)``, over a view of ``shape``."""
     runs = _clipped(layout.runs, r0, r1)
