@@ -92,13 +92,15 @@ class Adam_mini(AdamMini):  # noqa: N801 - the official package's name
     docstring for what is kept and what is fixed). ``named_parameters``: ``(name, param)`` pairs,
     usually ``model.named_parameters()``, or named param groups. ``model``: optionally the module
     itself, to plan from its structure and config (as ``AdamMini(..., plan=model)``) where names
-    alone cannot tell (convolutions, fused QKV rows of an unknown family)."""
+    alone cannot tell (convolutions, fused QKV rows of an unknown family). ``momentum_format``:
+    ``m`` stored as ``"bfloat16"`` or ``"int8"`` (see :class:`~adam_mini_tx.AdamMini`)."""
 
     def __init__(self, named_parameters: Iterable[Any], lr: float | torch.Tensor = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, *, model_sharding: bool | None = None,
                  dim: int = 2048, n_heads: int = 32, n_kv_heads: int | None = None,
-                 verbose: bool = True, model: nn.Module | None = None):
+                 verbose: bool = True, model: nn.Module | None = None,
+                 momentum_format: str | None = None):
         if model_sharding is not None:
             warnings.warn("Adam_mini: model_sharding is deprecated (as in the official package) and "
                           "ignored: sharding is read from each DTensor parameter",
@@ -108,7 +110,8 @@ class Adam_mini(AdamMini):  # noqa: N801 - the official package's name
                             f"given), got {type(model).__name__}")
         super().__init__(_trainable(named_parameters), lr=lr, betas=betas, eps=eps,
                          weight_decay=weight_decay, plan=model, dim=dim, n_heads=n_heads,
-                         n_kv_heads=n_kv_heads, decay_mask="official")
+                         n_kv_heads=n_kv_heads, decay_mask="official",
+                         momentum_format=momentum_format)
         self.verbose = verbose
         for key, default in OFFICIAL_NAME_SETS.items():
             setattr(self, key, set(default))

@@ -127,7 +127,7 @@ def test_random_truncations_of_a_checkpoint_file(tmp_path):
     rng = random.Random(0)
     for cut in sorted(rng.sample(range(1, len(data)), 25)):
         (tmp_path / "cut.pt").write_bytes(data[:cut])
-        with pytest.raises(ValueError, match="truncated or not a torch checkpoint"):
+        with pytest.raises(ValueError, match="truncated"):
             load(tmp_path / "cut.pt")
     with pytest.raises(ValueError, match="does not exist"):
         load(tmp_path / "missing.pt")

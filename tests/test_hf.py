@@ -57,3 +57,38 @@ def test_trainer_with_optimizer_cls_and_kwargs(tmp_path):
     assert isinstance(inner, AdamMini)
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("helper", ["create_optimizer", "optimizer_cls_and_kwargs"])
+def test_bf16_model_with_fp32_state(tmp_path, helper):
+    """``state_dtype=torch.float32`` through either helper: a bf16 Llama trains under the Trainer
+    with fp32 optimizer state (the default would follow the bf16 parameters)."""
+    model = tiny_llama().to(torch.bfloat16)
+    args = training_args(tmp_path)
+    if helper == "create_optimizer":
+        optimizer = create_optimizer(model, args, state_dtype=torch.float32)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=CountingData(),
+                                       optimizers=(optimizer, None))
+    else:
+        trainer = transformers.Trainer(
+            model=model, args=args, train_dataset=CountingData(),
+            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(model, args,
+                                                              state_dtype=torch.float32))
+    trainer.train()
+    inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    k_proj = model.model.layers[0].self_attn.k_proj.weight
+    assert k_proj.dtype == torch.bfloat16
+    assert inner.state[k_proj]["m"].dtype == torch.float32
+    assert inner.state[k_proj]["v"].dtype == torch.float32 and inner.state[k_proj]["v"].shape == (2,)
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    assert losses[-1] < losses[0]
+
+
+def test_bf16_state_by_default(tmp_path):
+    model = tiny_llama().to(torch.bfloat16)
+    optimizer = create_optimizer(model, training_args(tmp_path))
+    k_proj = model.model.layers[0].self_attn.k_proj.weight
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    assert optimizer.state[k_proj]["m"].dtype == torch.bfloat16

@@ -43,6 +43,15 @@ def assert_unchanged(opt, before):
     assert opt.plan is plan
 
 
+def stepped():
+    """A TinyLlama, an AdamMini after one step, and its state dict."""
+    model = TinyLlama(layers=1)
+    opt = amx.AdamMini(model.named_parameters(), **HEADS)
+    random_grads(model)
+    opt.step()
+    return model, opt, opt.state_dict()
+
+
 def same(a, b) -> bool:
     """Equal values, tensors (NaN included) and tuples of them alike."""
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
@@ -110,11 +119,7 @@ def test_a_finite_huge_gradient_keeps_v_finite_and_the_state_dict_loads(fused):
 
 
 def test_an_infinite_v_left_by_an_older_overflow_still_loads():
-    model = TinyLlama(layers=1)
-    opt = amx.AdamMini(model.named_parameters(), **HEADS)
-    random_grads(model)
-    opt.step()
-    saved = opt.state_dict()
+    model, _, saved = stepped()
     first = next(iter(saved["state"]))
     saved["state"][first]["v"].fill_(float("inf"))
     amx.AdamMini(model.named_parameters(), **HEADS).load_state_dict(saved)
@@ -182,10 +187,7 @@ def test_tensor_hyperparameters_are_checked_like_floats(kwargs, message):
         amx.AdamMini(model.named_parameters(), **kwargs, **HEADS)
     with pytest.raises(ValueError, match=message):
         amx.adam_mini(**kwargs, **HEADS)
-    opt = amx.AdamMini(model.named_parameters(), **HEADS)
-    random_grads(model)
-    opt.step()
-    saved = opt.state_dict()
+    model, opt, saved = stepped()
     for key, value in kwargs.items():
         saved["param_groups"][0][key] = value
     before = snapshot(opt)
@@ -240,11 +242,7 @@ def test_a_guard_inside_a_chain_takes_and_checks_the_raw_gradient():
 def test_load_hooks_run_where_torch_runs_them():
     """A pre-hook sees the dict before any check (it may repair it); a post-hook's changes
     stay."""
-    model = TinyLlama(layers=1)
-    opt = amx.AdamMini(model.named_parameters(), lr=1e-2, **HEADS)
-    random_grads(model)
-    opt.step()
-    saved = opt.state_dict()
+    model, opt, saved = stepped()
     saved["param_groups"][0]["lr"] = "broken"  # the hook repairs it before the checks
 
     def repair(optimizer, state_dict):
@@ -303,11 +301,7 @@ def test_names_that_differ_otherwise_say_which_prefix():
 
 # 12. Python-int steps ------------------------------------------------------------------------
 def test_a_python_int_step_loads_as_a_count():
-    model = TinyLlama(layers=1)
-    opt = amx.AdamMini(model.named_parameters(), **HEADS)
-    random_grads(model)
-    opt.step()
-    saved = opt.state_dict()
+    model, _, saved = stepped()
     for slots in saved["state"].values():
         slots["step"] = 4
     fresh = amx.AdamMini(model.named_parameters(), **HEADS)

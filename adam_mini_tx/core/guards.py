@@ -34,7 +34,7 @@ def all_finite(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     temporary: NaN and Inf propagate into a tensor's sum (accumulated in at least fp32), so the sums
     are finite exactly when the elements are, unless a finite sum overflows fp32 (|sum| > 3e38),
     which is then treated as non-finite too. The sums are stacked (promoted to the widest dtype)
-    and checked with one ``isfinite``: per-tensor checks cost ~0.7 ms more at 57 tensors."""
+    and checked with one ``isfinite``."""
     sums = [t.sum(dtype=torch.promote_types(t.dtype, torch.float32)) for t in tensors.values()]
     return torch.isfinite(torch.stack(sums)).all() if sums else torch.tensor(True)
 

@@ -1,11 +1,14 @@
 """Train the demo GPT with several optimizers at identical settings and compare them."""
 from __future__ import annotations
 
+import importlib
 import json
+import logging
 import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import torch
 
@@ -15,6 +18,8 @@ from .data import Corpus, load_corpus, sample_batch
 from .model import GPT, GPTConfig
 
 OPTIMIZERS = ("adamw", "adam_mini")
+EXTRAS_HINT = "pip install adam_mini_tx[demo]"
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -47,9 +52,47 @@ class RunResult:
 
 
 def resolve_device(name: str) -> torch.device:
+    """``"auto"`` (CUDA when available, else CPU) or a torch device string; a ValueError names
+    the device when this torch build or machine cannot run on it."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"device {name!r} is not a torch device ({error}); use auto, cpu or "
+                         f"cuda[:N]") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r}: CUDA is not available in this torch build or "
+                             f"machine; use cpu (or auto)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise ValueError(f"device {name!r}: the demo runs on cpu or cuda")
+    return device
+
+
+def check_out_dir(out_dir: str | os.PathLike) -> None:
+    """Create ``out_dir`` if needed and check that a file can be written there; a ValueError
+    names the directory otherwise (so a bad ``--out`` fails before any training)."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        probe = os.path.join(out_dir, f".write-test-{os.getpid()}")
+        with open(probe, "wb"):
+            pass
+        os.unlink(probe)
+    except OSError as error:
+        raise ValueError(f"output directory {os.fspath(out_dir)!r} is not writable "
+                         f"({error.strerror or error}); choose another --out") from None
+
+
+def optional_module(name: str) -> bool:
+    """Whether the optional dependency ``name`` imports."""
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        return False
+    return True
 
 
 def make_optimizer(name: str, model: GPT, cfg: DemoConfig) -> torch.optim.Optimizer:
@@ -67,11 +110,13 @@ def make_optimizer(name: str, model: GPT, cfg: DemoConfig) -> torch.optim.Optimi
     raise ValueError(f"unknown optimizer {name!r}; choose from {OPTIMIZERS}")
 
 
-def warmup_cosine(cfg: DemoConfig):
+def warmup_cosine(steps: int, warmup: int) -> Callable[[int], float]:
+    """The lr factor at each step: linear warm-up over ``warmup`` steps, then cosine down to 10%
+    at ``steps`` (for ``LambdaLR``)."""
     def factor(step: int) -> float:
-        if step < cfg.warmup:
-            return (step + 1) / cfg.warmup
-        progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
     return factor
 
@@ -91,12 +136,15 @@ def evaluate(model: GPT, corpus: Corpus, cfg: DemoConfig, device: torch.device) 
     return sum(losses) / len(losses)
 
 
-def run_one(name: str, cfg: DemoConfig, corpus: Corpus, progress: bool = True) -> RunResult:
+def run_one(name: str, cfg: DemoConfig, corpus: Corpus, progress: bool = True,
+            build: Callable[[GPT, DemoConfig], torch.optim.Optimizer] | None = None) -> RunResult:
+    """Train the demo model with optimizer ``name`` (or ``build(model, cfg)`` when given, e.g.
+    another package's optimizer); ``progress`` shows a tqdm bar."""
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)  # identical initial weights for every optimizer
     model = GPT(GPTConfig.named(cfg.size, len(corpus.vocab), cfg.seq)).to(device)
-    optimizer = make_optimizer(name, model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg))
+    optimizer = build(model, cfg) if build else make_optimizer(name, model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.steps, cfg.warmup))
     batches = torch.Generator().manual_seed(cfg.seed + 1)  # identical data order
     curve, val_curve, opt_times, step_times = [], [], [], []
     steps = range(cfg.steps)
@@ -137,11 +185,23 @@ def _median(values: list[float]) -> float:
 
 
 def run_demo(cfg: DemoConfig, out_dir: str, progress: bool = True) -> dict:
-    """Train every optimizer in ``cfg.optimizers``; write results.json and loss_and_memory.png
-    into ``out_dir``; return the results."""
+    """Train every optimizer in ``cfg.optimizers``; write results.json and, with matplotlib,
+    loss_and_memory.png into ``out_dir``; return the results and the paths written.
+
+    Checks before training: the device, the output directory, and the optional imports (without
+    tqdm no progress bar, without matplotlib no figure; each logs a warning naming
+    ``pip install adam_mini_tx[demo]``)."""
+    resolve_device(cfg.device)
+    check_out_dir(out_dir)
+    if progress and not optional_module("tqdm"):
+        logger.warning("tqdm is not installed: training without progress bars (%s)", EXTRAS_HINT)
+        progress = False
+    can_plot = optional_module("matplotlib")
+    if not can_plot:
+        logger.warning("matplotlib is not installed: no loss_and_memory.png (%s for the plot)",
+                       EXTRAS_HINT)
     corpus = load_corpus(cfg.max_chars)
     results = {name: run_one(name, cfg, corpus, progress) for name in cfg.optimizers}
-    os.makedirs(out_dir, exist_ok=True)
     payload = {name: {"val_loss": r.val_loss, "train_loss": r.train_loss,
                       "state_bytes": r.state_bytes, "step_ms": r.step_ms,
                       "train_step_ms": r.train_step_ms, "val_curve": r.val_curve}
@@ -150,7 +210,10 @@ def run_demo(cfg: DemoConfig, out_dir: str, progress: bool = True) -> dict:
     payload["data"] = {"source": corpus.source, "credit": corpus.credit,
                        "train_tokens": len(corpus.train), "val_tokens": len(corpus.val)}
     text = json.dumps(payload, indent=2).encode()
-    write_atomic(os.path.join(out_dir, "results.json"), lambda handle: handle.write(text))
-    from .report import plot
-    plot(results, os.path.join(out_dir, "loss_and_memory.png"))
-    return {"results": results, "corpus": corpus, "payload": payload}
+    written = [os.path.join(out_dir, "results.json")]
+    write_atomic(written[0], lambda handle: handle.write(text))
+    if can_plot:
+        from .report import plot
+        written.append(os.path.join(out_dir, "loss_and_memory.png"))
+        plot(results, written[-1])
+    return {"results": results, "corpus": corpus, "payload": payload, "written": written}

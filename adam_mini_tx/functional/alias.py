@@ -4,9 +4,11 @@ from __future__ import annotations
 import torch
 
 from ..core import blocks
+from ..core.lowbits import QuantizedMoment
 from ..core.base import (EmptyState, GradientTransformation, ScalarOrSchedule, chain, check_betas,
                    check_number, identity)
-from .transforms import (CountState, MomentumState, PartitionState, PlanLike, SecondMomentState,
+from .transforms import (CountState, MomentumState, PartitionState, PlanLike,
+                         RoundedMomentumState, SecondMomentState,
                          blockwise_mean_square, decoupled_decay, momentum, partition, scale_by_lr)
 
 
@@ -20,7 +22,8 @@ def adam_mini(lr: ScalarOrSchedule = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8
               weight_decay: ScalarOrSchedule = 0.0, *, plan: PlanLike = None,
               dim: int | None = None, n_heads: int | None = None, n_kv_heads: int | None = None,
               eps_root: float = 0.0, state_dtype: torch.dtype | None = None,
-              decay_mask="matrices") -> GradientTransformation:
+              decay_mask="matrices", momentum_format: str | None = None,
+              stochastic_rounding: bool = True, seed: int = 0) -> GradientTransformation:
     """Adam-mini (Zhang et al. 2024, Algorithm 1): Adam with one second moment per block.
 
     ``m = b1 m + (1-b1) g``;  ``v_b = b2 v_b + (1-b2) mean_b(g*g)``;
@@ -28,20 +31,28 @@ def adam_mini(lr: ScalarOrSchedule = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8
     Blocks come from ``plan`` (or are planned from names/shapes with ``n_heads``/``n_kv_heads``).
     Weight decay applies where ``decay_mask(name, tensor) == "decay"``; a string names one of
     :data:`DECAY_MASKS` (default ``"matrices"``: tensors with >= 2 dims, like the official package).
+    ``momentum_format`` / ``stochastic_rounding`` / ``seed``: how ``m`` is stored (see
+    :func:`momentum`); ``v`` stays in ``state_dtype``.
     """
     if isinstance(decay_mask, str):
-        if decay_mask not in DECAY_MASKS:
-            raise ValueError(f"invalid decay_mask={decay_mask!r}: use one of {sorted(DECAY_MASKS)} "
-                             f"or a function (name, tensor) -> 'decay' | 'no_decay'")
-        decay_mask = DECAY_MASKS[decay_mask]
+        decay_mask = DECAY_MASKS[check_decay_mask(decay_mask)]
     beta1, beta2 = check_betas(betas)
     return chain(
-        momentum(beta1, state_dtype=state_dtype),
+        momentum(beta1, state_dtype=state_dtype, momentum_format=momentum_format,
+                 stochastic_rounding=stochastic_rounding, seed=seed),
         blockwise_mean_square(beta2, plan, eps=eps, eps_root=eps_root, state_dtype=state_dtype,
                               dim=dim, n_heads=n_heads, n_kv_heads=n_kv_heads),
         partition({"decay": decoupled_decay(weight_decay), "no_decay": identity()}, decay_mask),
         scale_by_lr(lr),
     )
+
+
+def check_decay_mask(name: str) -> str:
+    """``name`` if it is one of :data:`DECAY_MASKS`, else a ValueError listing them."""
+    if name not in DECAY_MASKS:
+        raise ValueError(f"invalid decay_mask={name!r}: use one of {sorted(DECAY_MASKS)} or a "
+                         f"function (name, tensor) -> 'decay' | 'no_decay' (or weight_decay=0.0)")
+    return name
 
 
 def elementwise_plan(params: dict[str, torch.Tensor]) -> dict:
@@ -77,21 +88,30 @@ official package's rule (no decay where the lower-cased name contains norm, ln o
 
 
 def adam_mini_slots(state: tuple, name: str) -> dict[str, torch.Tensor]:
-    """The per-parameter view of an :func:`adam_mini` state: ``{"step", "m", "v"}``.
+    """The per-parameter view of an :func:`adam_mini` state: ``{"step", "m", "v"}``, plus
+    ``"m_scale"`` for an int8 ``m``.
 
-    ``step`` is the shared 0-d step count, ``m`` the first moment (parameter shape) and ``v`` the
-    blockwise second moment (the layout's ``v_shape``). These are the stable, documented keys of
-    :class:`~adam_mini_tx.AdamMini`'s ``state_dict``."""
+    ``step`` is the shared 0-d step count, ``m`` the first moment (parameter shape; int8 codes
+    whose per-group scales are ``m_scale``) and ``v`` the blockwise second moment (the layout's
+    ``v_shape``). These are the stable, documented keys of :class:`~adam_mini_tx.AdamMini`'s
+    ``state_dict``."""
     moment, second, _, _ = state
-    return {"step": moment.count, "m": moment.mu[name], "v": second.nu[name]}
+    m = moment.mu[name]
+    if isinstance(m, QuantizedMoment):
+        return {"step": moment.count, "m": m.codes, "m_scale": m.scales, "v": second.nu[name]}
+    return {"step": moment.count, "m": m, "v": second.nu[name]}
 
 
-def adam_mini_state_from_slots(slots: dict[str, dict[str, torch.Tensor]]) -> tuple:
+def adam_mini_state_from_slots(slots: dict[str, dict[str, torch.Tensor]],
+                               seed: torch.Tensor | None = None) -> tuple:
     """Inverse of :func:`adam_mini_slots`: the :func:`adam_mini` chain state of the parameters in
-    ``slots`` (``name -> {"step", "m", "v"}``). They share one step count: the caller groups
+    ``slots`` (``name -> {"step", "m", "v"}``); with the rounding ``seed`` of a low-precision
+    ``m``, a :class:`RoundedMomentumState`. They share one step count: the caller groups
     parameters by step."""
     step = next(iter(slots.values()))["step"]
-    return (MomentumState(step, {name: s["m"] for name, s in slots.items()}),
+    mu = {name: QuantizedMoment(s["m"], s["m_scale"]) if "m_scale" in s else s["m"]
+          for name, s in slots.items()}
+    return (MomentumState(step, mu) if seed is None else RoundedMomentumState(step, mu, seed),
             SecondMomentState(step, {name: s["v"] for name, s in slots.items()}),
             PartitionState({"decay": CountState(step), "no_decay": EmptyState()}),
             CountState(step))

@@ -7,7 +7,7 @@ divides whatever reaches it. Put it *before* momentum and the same pieces give L
 """
 from __future__ import annotations
 
-from typing import Callable, Mapping, NamedTuple, Union
+from typing import Any, Callable, Mapping, NamedTuple, Union
 
 import torch
 
@@ -17,7 +17,9 @@ from ..core.base import (EmptyState, GradientTransformation, Params, ScalarOrSch
 from ..core.blocks import BlockLayout
 from ..core.donation import (donated, empty_temporary, fresh, in_place_or_new, in_place_safe,
                               run_update)
-from ..planning import BlockPlan, plan_blocks
+from ..planning import BlockPlan, check_coverage, plan_blocks
+from ..core.lowbits import salt_of
+from .moments import LOW_PRECISION, check_format, new_moment, read, write
 
 PlanLike = Union[BlockPlan, Mapping[str, BlockLayout],
                  Callable[[Mapping[str, torch.Tensor]], Mapping[str, BlockLayout]], None]
@@ -26,6 +28,14 @@ PlanLike = Union[BlockPlan, Mapping[str, BlockLayout],
 class MomentumState(NamedTuple):
     count: torch.Tensor  # () int64, steps taken
     mu: dict[str, torch.Tensor]  # each: the parameter's shape
+
+
+class RoundedMomentumState(NamedTuple):
+    """A low-precision first moment (``momentum_format="bfloat16"`` or ``"int8"``)."""
+
+    count: torch.Tensor  # () int64, steps taken
+    mu: dict[str, Any]  # each: the parameter's shape (bf16, or a QuantizedMoment for int8)
+    seed: torch.Tensor  # () int64, of the stochastic rounding
 
 
 class SecondMomentState(NamedTuple):
@@ -47,9 +57,8 @@ def _zero_count() -> torch.Tensor:
 
 def _bias_correction(beta: float | torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     """``1 - beta**count`` in float64, elementwise over the integer ``count`` (early steps,
-    ``1 - 0.999 = 1e-3``, keep full precision). Computed once per compiled call: inlined into the
-    update loop, the float64 ``pow`` made the first compiled step 3.4x AdamW at 25M parameters.
-    """
+    ``1 - 0.999 = 1e-3``, keep full precision), computed once per compiled call
+    (:func:`_computed_once`)."""
     return _computed_once(1 - torch.pow(beta, count.to(torch.float64)))  # beta is promoted
 
 
@@ -60,10 +69,8 @@ def _computed_once(small: torch.Tensor) -> torch.Tensor:
     instead of recomputing it (``pow``, ``sqrt``, divisions) at every vector iteration: the C++
     is built with ``-fmath-errno`` and the loop writes through pointers that may alias its
     inputs, so the C++ compiler does not hoist such scalar work out of the loop itself.
-    Values and gradients are unchanged. (An opaque custom op also kept such work out of the
-    loop, but its eager call cost ~0.25 ms per compiled call once the caches were cold.) Only on
-    the CPU: a GPU thread's recomputation is cheap next to one more kernel launch (not measured:
-    no GPU was available; the step counts, and so the bias corrections, live on the CPU)."""
+    Values and gradients are unchanged. Only on the CPU (on a GPU one more kernel launch would
+    cost more than the recomputation; see docs/benchmarks.md)."""
     if torch.compiler.is_compiling() and small.device.type == "cpu":
         return small.unsqueeze(-1).expand(*small.shape, 16).amax(-1)
     return small
@@ -101,43 +108,68 @@ def safe_sqrt(x: torch.Tensor) -> torch.Tensor:
 
 
 def momentum(b1: float | torch.Tensor = 0.9, *, nesterov: bool = False,
-             bias_correction: bool = True,
-             state_dtype: torch.dtype | None = None) -> GradientTransformation:
+             bias_correction: bool = True, state_dtype: torch.dtype | None = None,
+             momentum_format: str | None = None, stochastic_rounding: bool = True,
+             seed: int = 0) -> GradientTransformation:
     """Exponential moving average of the raw gradient, bias-corrected.
 
     ``m_t = b1 m_{t-1} + (1 - b1) g_t``;  output ``m_t / (1 - b1**t)``.
     With ``nesterov=True`` the output looks one step ahead:
     ``b1 m_t / (1 - b1**(t+1)) + (1 - b1) g_t / (1 - b1**t)``.
     ``state_dtype`` stores ``m`` in another dtype (e.g. fp32 for bf16 params); default: the
-    parameter's dtype.
+    parameter's dtype. ``momentum_format`` (``"float32"``, ``"bfloat16"``, ``"int8"``) stores it
+    in that format instead: a low-precision ``m`` is read into fp32, updated, and written back
+    rounded (stochastically by default, from ``seed``, kept in the state, the step and the
+    parameter: ``update(..., salts={name: salt})`` or the salt of its name; see
+    :mod:`adam_mini_tx.core.lowbits`); the output is fp32.
     """
     check_number("b1", b1, 0.0, 1.0)
+    low = check_format(momentum_format) in LOW_PRECISION
 
-    def init(params: Params) -> MomentumState:
-        return MomentumState(_zero_count(), {n: _state_like(p, dtype=state_dtype)
-                                             for n, p in params.items()})
+    def init(params: Params) -> MomentumState | RoundedMomentumState:
+        mu = {n: new_moment(p, momentum_format, state_dtype) for n, p in params.items()}
+        if low:
+            return RoundedMomentumState(_zero_count(), mu, torch.tensor(seed))
+        return MomentumState(_zero_count(), mu)
 
     @in_place_safe
-    def update(updates, state, params=None, grads=None, **extra_args):
-        check_same_structure(state.mu, updates, "updates", "momentum state")
+    def update(updates, state, params=None, grads=None, *, salts=None, **extra_args):
+        check_same_structure(_shapes(state.mu), updates, "updates", "momentum state")
         count = state.count + 1
-        lerp = torch.Tensor.lerp_ if donated() else torch.Tensor.lerp  # donated: m in place
-        mu = {name: lerp(m, to_dtype(updates[name], m.dtype), _as_weight(1 - b1, m))
-              for name, m in state.mu.items()}
+        if low:  # m read into fp32 (a temporary of ours), updated there, stored rounded
+            in_place, mu, values = donated(), {}, {}
+            for name, m in state.mu.items():
+                value = read(m)
+                value.lerp_(to_dtype(updates[name], torch.float32), _as_weight(1 - b1, value))
+                salt = salts[name] if salts is not None else salt_of(name)
+                mu[name] = write(value, m, in_place,
+                                 (state.seed, count, salt) if stochastic_rounding else None)
+                values[name] = fresh(value)
+        else:
+            lerp = torch.Tensor.lerp_ if donated() else torch.Tensor.lerp  # donated: in place
+            mu = {name: lerp(m, to_dtype(updates[name], m.dtype), _as_weight(1 - b1, m))
+                  for name, m in state.mu.items()}
+            values = mu
+        new_state = RoundedMomentumState(count, mu, state.seed) if low else MomentumState(count, mu)
         if not bias_correction:
-            return dict(mu), MomentumState(count, mu)
+            return dict(values), new_state
         correction = _PerDtype(_bias_correction(b1, count))
         if not nesterov:
-            return ({name: _divided(m, correction(m.dtype)) for name, m in mu.items()},
-                    MomentumState(count, mu))
+            return ({name: _divided(m, correction(m.dtype)) for name, m in values.items()},
+                    new_state)
         ahead = _PerDtype(_bias_correction(b1, count + 1))
         out = {name: fresh(_as_weight(b1, m) * m / ahead(m.dtype)
                            + _as_weight(1 - b1, m) * to_dtype(updates[name], m.dtype)
                            / correction(m.dtype))
-               for name, m in mu.items()}
-        return out, MomentumState(count, mu)
+               for name, m in values.items()}
+        return out, new_state
 
     return GradientTransformation(init, update)
+
+
+def _shapes(mu: Mapping[str, Any]) -> dict[str, Any]:
+    """The first moments as tensors of their parameters' shapes (an int8 moment's codes)."""
+    return {name: getattr(m, "codes", m) for name, m in mu.items()}
 
 
 def _divided(m: torch.Tensor, correction: torch.Tensor) -> torch.Tensor:
@@ -174,17 +206,8 @@ class _Layouts:
     @staticmethod
     def _checked(tensors: Mapping[str, torch.Tensor],
                  given: Mapping[str, BlockLayout]) -> Mapping[str, BlockLayout]:
-        layouts = {}
-        for name, tensor in tensors.items():
-            if name not in given:
-                raise ValueError(f"parameter {name!r} is not covered by the block plan; build "
-                                 f"the plan from the same model or add a rule for it")
-            layout = given[name]
-            if tuple(layout.shape) != tuple(tensor.shape):
-                raise ValueError(f"parameter {name!r} has shape {tuple(tensor.shape)} but the "
-                                 f"block plan was made for {tuple(layout.shape)}; rebuild the plan")
-            layouts[name] = layout
-        return layouts
+        check_coverage(given, tensors.items())
+        return {name: given[name] for name in tensors}
 
 
 def blockwise_mean_square(b2: float | torch.Tensor = 0.999, plan: PlanLike = None, *,
@@ -388,5 +411,5 @@ def partition(transforms: Mapping[str, GradientTransformation],
 
 __all__ = ["momentum", "blockwise_mean_square", "decoupled_decay", "scale_by_lr", "partition",
            "clip_by_global_norm",
-           "safe_sqrt", "MomentumState", "SecondMomentState", "CountState", "PartitionState",
+           "safe_sqrt", "MomentumState", "RoundedMomentumState", "SecondMomentState", "CountState", "PartitionState",
            "EmptyState", "Updates"]

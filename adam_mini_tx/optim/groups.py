@@ -10,7 +10,8 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
-from ..planning import BlockPlan, plan_blocks
+from ..core.blocks import is_dtensor
+from ..planning import BlockPlan, check_coverage, plan_blocks
 
 
 def named_groups(params: Iterable[Any], names_by_id: Mapping[int, str]) -> list[dict[str, Any]]:
@@ -80,6 +81,18 @@ def reject_duplicates(groups: Iterable[Mapping[str, Any]]) -> None:
             by_name[name] = (index, param)
 
 
+def reject_sharded_low_precision(group: Mapping[str, Any], index: int) -> None:
+    """A low-precision ``m`` is not supported for DTensor (FSDP2, TP) parameters yet."""
+    if group.get("momentum_format") not in ("bfloat16", "int8"):
+        return
+    for name, param in zip(group["param_names"], group["params"]):
+        if is_dtensor(param):
+            raise ValueError(f"param group {index}: momentum_format="
+                             f"{group['momentum_format']!r} is not supported for DTensor "
+                             f"parameters yet ({name!r}); use momentum_format='float32' or None "
+                             f"under FSDP2 / tensor parallelism")
+
+
 def resolve_plan(plan: Any, named: list[tuple[str, torch.Tensor]], **plan_kwargs) -> BlockPlan:
     """The optimizer's plan. A module is planned from its structure; tensors it leaves out (frozen
     ones) are planned from their names. A given BlockPlan must cover every parameter."""
@@ -92,13 +105,7 @@ def resolve_plan(plan: Any, named: list[tuple[str, torch.Tensor]], **plan_kwargs
             plan = plan.merged(plan_blocks(missing, **plan_kwargs))
     if not isinstance(plan, BlockPlan):
         raise TypeError(f"plan must be a BlockPlan, an nn.Module or None, got {type(plan).__name__}")
-    for name, param in named:
-        if name not in plan:
-            raise ValueError(f"parameter {name!r} is not covered by the block plan; build the plan "
-                             f"from the same model (amx.plan_blocks(model)) or add a rule for it")
-        if tuple(plan[name].shape) != tuple(param.shape):
-            raise ValueError(f"parameter {name!r} has shape {tuple(param.shape)} but the plan was "
-                             f"made for {plan[name].shape}; rebuild the plan")
+    check_coverage(plan, named)
     return plan
 
 

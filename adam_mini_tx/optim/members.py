@@ -46,6 +46,11 @@ def group_entries(group: Mapping[str, Any], index: int, originals: Mapping[str, 
     names, params = group["param_names"], group["params"]
     partitions = deepspeed_partitions(params, names, originals, layouts)
     if partitions is not None:
+        if group.get("momentum_format") in ("bfloat16", "int8"):
+            raise ValueError(f"param group {index}: momentum_format="
+                             f"{group['momentum_format']!r} is not supported under DeepSpeed ZeRO "
+                             f"stages 1-3 yet (its flat partitions cut rows); use "
+                             f"momentum_format='float32' or None")
         return [Entry(p.name, flat, (p.v_numel,), p) for flat, p in partitions]
     if len(names) != len(params):
         raise ValueError(f"param group {index} has {len(params)} parameters but "
@@ -72,7 +77,8 @@ def collect(param_groups: Sequence[Mapping[str, Any]], state: Mapping[torch.Tens
             slots = state.get(param)
             if not slots:
                 slots = pending[param] = (
-                    new_slots(entry.name, param, layouts[entry.name], state_dtype)
+                    new_slots(entry.name, param, layouts[entry.name], state_dtype,
+                              group.get("momentum_format"))
                     if entry.partition is None else new_flat_slots(param, entry.v_shape,
                                                                    state_dtype))
             members.append(Member(entry.name, param, param.grad, slots, entry.partition))

@@ -17,8 +17,9 @@ from torch import nn
 
 from ..core.guards import check_policy
 from ..planning import BlockPlan, plan_blocks, warn_fallbacks
-from .backends import CompiledBackend, EagerBackend, FlatBackend, assign
-from .groups import named_group, named_groups, reject_duplicates, resolve_plan
+from .backends import CompiledBackend, EagerBackend, FlatBackend, assign, row_sums
+from .groups import (named_group, named_groups, reject_duplicates, reject_sharded_low_precision,
+                     resolve_plan)
 from .hyperparams import Hyper, read_hyperparameters
 from .members import Member, check_members, collect
 from .nonfinite import decide, record_skip
@@ -43,6 +44,9 @@ class AdamMini(torch.optim.Optimizer):
     ``group["nonfinite_skipped"]``, with a RuntimeWarning), ``"raise"`` (FloatingPointError) or
     ``"apply"`` (no check). ``fused``: run the chain compiled over buckets of same-layout
     parameters (the first step compiles; ``compile_seconds`` says how long).
+    ``momentum_format``: how ``m`` is stored, ``"float32"``, ``"bfloat16"`` or ``"int8"``
+    (blockwise, one fp32 scale per 256 elements of a row), rounded stochastically unless
+    ``stochastic_rounding=False``, from ``momentum_seed``; None (default): ``state_dtype``.
     """
 
     def __init__(self, params: Iterable[Any], lr: float | torch.Tensor = 1e-3,
@@ -51,7 +55,8 @@ class AdamMini(torch.optim.Optimizer):
                  dim: int | None = None, n_heads: int | None = None,
                  n_kv_heads: int | None = None, state_dtype: torch.dtype | None = None,
                  decay_mask: str = "matrices", eps_root: float = 0.0, nonfinite: str = "skip",
-                 fused: bool = False):
+                 fused: bool = False, momentum_format: str | None = None,
+                 stochastic_rounding: bool = True, momentum_seed: int = 0):
         self.nonfinite = check_policy(nonfinite)
         if not isinstance(fused, bool):
             raise TypeError(f"fused must be True or False, got {fused!r}")
@@ -65,11 +70,14 @@ class AdamMini(torch.optim.Optimizer):
         groups = named_groups(params, self._names_by_id)
         reject_duplicates(groups)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                        decay_mask=decay_mask, eps_root=eps_root, nonfinite_skipped=0)
+                        decay_mask=decay_mask, eps_root=eps_root, nonfinite_skipped=0,
+                        momentum_format=momentum_format,
+                        stochastic_rounding=stochastic_rounding, momentum_seed=momentum_seed)
         self._plan_kwargs = dict(dim=dim, n_heads=n_heads, n_kv_heads=n_kv_heads)
         super().__init__(groups, defaults)
         for index, group in enumerate(self.param_groups):
             read_hyperparameters(group, f"param group {index}: ")
+            reject_sharded_low_precision(group, index)
         self.plan = resolve_plan(plan, self._named_params(), **self._plan_kwargs)
         self._originals = dict(self._named_params())  # DeepSpeed replaces them in the groups
         mro = type(self).__mro__
@@ -94,16 +102,12 @@ class AdamMini(torch.optim.Optimizer):
                   for index, group in enumerate(self.param_groups)]
         check_members(groups)
         work = self._work(groups, hypers, layouts)
-        # 3. the statistics pass: every row sum of squares, which the check and the chain share
-        checked = self.nonfinite != "apply"
-        sums, flags = {}, []
-        for backend, unit in (pair for units in work for pair in units) if checked else ():
-            unit_sums, unit_flags = backend.row_sums(unit)
-            sums.update(unit_sums)
-            flags.extend(unit_flags)
-        # 4. the non-finite decision
-        everyone = [member for members in groups for member in members]
-        decision = decide(self.nonfinite, everyone, sums, flags, layouts) if checked else None
+        # 3. the statistics pass (row sums the chain then takes) and 4. the non-finite decision
+        sums, decision = None, None
+        if self.nonfinite != "apply":
+            sums, flags = row_sums(work)
+            everyone = [member for members in groups for member in members]
+            decision = decide(self.nonfinite, everyone, sums, flags, layouts)  # may raise
         self.state.update(pending)
         if decision is not None and not decision.apply:
             record_skip(self.param_groups, decision.bad)
@@ -116,7 +120,7 @@ class AdamMini(torch.optim.Optimizer):
         try:
             for units, hyper in zip(work, hypers):
                 for backend, unit in units:
-                    backend.apply(unit, hyper, sums if checked else None, written)
+                    backend.apply(unit, hyper, sums, written)
         finally:
             bump_steps([member.state["step"] for member in written])
         return loss
@@ -162,6 +166,7 @@ class AdamMini(torch.optim.Optimizer):
             super().add_param_group(group)
             added = self.param_groups[-1]
             read_hyperparameters(added, f"param group {len(self.param_groups) - 1}: ")
+            reject_sharded_low_precision(added, len(self.param_groups) - 1)
             named = list(zip(added["param_names"], added["params"]))
             new = [(name, param) for name, param in named if name not in self.plan]
             plan = self.plan.merged(plan_blocks(new, **self._plan_kwargs)) if new else self.plan

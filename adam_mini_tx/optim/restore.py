@@ -19,8 +19,9 @@ import torch
 
 from ..planning import BlockPlan
 from .hyperparams import HYPERPARAMETERS, read_hyperparameters
+from ..core.lowbits import group_count
 from .members import group_entries
-from .state import STATE_KEYS, own_copy
+from .state import own_copy, slot_keys
 
 logger = logging.getLogger("adam_mini_tx")
 
@@ -31,7 +32,8 @@ def restored(state_dict: Any, groups: Sequence[Mapping[str, Any]], plan: BlockPl
              state_dtype: torch.dtype | None, originals: Mapping[str, torch.Tensor]
              ) -> tuple[list[dict[str, Any]], dict]:
     """The param groups and state that loading ``state_dict`` gives (see the module
-    docstring). State keeps its saved dtype unless ``state_dtype`` was given explicitly.
+    docstring). State keeps its saved dtype unless ``state_dtype`` was given explicitly (it then
+    applies to ``v``, and to ``m`` when no ``momentum_format`` sets ``m``'s).
     ``originals``: name -> the parameter the optimizer was given (a group whose tensors
     DeepSpeed replaced by flat partitions is checked against those partitions)."""
     if not isinstance(state_dict, Mapping) or "param_groups" not in state_dict \
@@ -51,9 +53,11 @@ def restored(state_dict: Any, groups: Sequence[Mapping[str, Any]], plan: BlockPl
         for index, entry in zip(saved["params"], group_entries(group, number, originals, layouts)):
             slots = state_dict["state"].get(index)
             if slots is not None:
-                _check_slots(entry.name, entry.param, slots, entry.v_shape)
+                _check_slots(entry.name, entry.param, slots, entry.v_shape,
+                             group.get("momentum_format"))
+                follows = ("v", "m") if group.get("momentum_format") is None else ("v",)
                 state[entry.param] = {key: own_copy(value, _device(key, value, entry.param),
-                                                    None if key == "step" else state_dtype)
+                                                    state_dtype if key in follows else None)
                                       for key, value in slots.items()}
     unknown = [index for index in state_dict["state"] if index not in known]
     if unknown:
@@ -91,6 +95,10 @@ def _check_groups(saved_groups: Any, groups: Sequence[Mapping[str, Any]]) -> Non
             read_hyperparameters(saved, f"{where}: ")
         except (ValueError, TypeError) as error:
             raise ValueError(f"{error}; the checkpoint is damaged") from None
+        if saved.get("momentum_format") != group.get("momentum_format"):
+            raise ValueError(f"{where} was saved with momentum_format="
+                             f"{saved.get('momentum_format')!r} but this optimizer's is "
+                             f"{group.get('momentum_format')!r}: build it with the same format")
         if len(saved["params"]) != len(group["params"]):
             raise ValueError(f"{where} has {len(saved['params'])} parameters but this "
                              f"optimizer's has {len(group['params'])}")
@@ -149,31 +157,38 @@ def _check_plan(saved: Any, plan: BlockPlan, rename: Callable[[str], str]) -> No
                              f"with the same plan")
 
 
-def _check_slots(name: str, param: torch.Tensor, slots: Any, v_shape: tuple[int, ...]) -> None:
-    if not isinstance(slots, Mapping) or set(slots) != set(STATE_KEYS):
-        keys = sorted(slots) if isinstance(slots, Mapping) else type(slots).__name__
-        raise ValueError(f"checkpoint state of parameter {name!r} has keys {keys}, expected "
-                         f"{list(STATE_KEYS)}: it was not saved by AdamMini")
+def _check_slots(name: str, param: torch.Tensor, slots: Any, v_shape: tuple[int, ...],
+                 momentum_format: str | None) -> None:
+    keys = slot_keys(momentum_format)
+    if not isinstance(slots, Mapping) or set(slots) != set(keys):
+        got = sorted(slots) if isinstance(slots, Mapping) else type(slots).__name__
+        raise ValueError(f"checkpoint state of parameter {name!r} has keys {got}, expected "
+                         f"{list(keys)}: it was not saved by AdamMini with this momentum_format")
     step = slots["step"]
     if isinstance(step, int) and not isinstance(step, bool):  # torch's optimizers accept it
         step = torch.tensor(step)
-    expected = {"step": (), "m": tuple(param.shape), "v": v_shape}
-    for key, shape in expected.items():
+    expected = {"step": (), "m": tuple(param.shape), "v": v_shape,
+                "m_scale": (*param.shape[:-1], group_count(tuple(param.shape)))
+                if param.dim() else (1,)}
+    for key in keys:
         value = step if key == "step" else slots[key]
-        if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != expected[key]:
             got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
             raise ValueError(f"checkpoint state {key!r} of parameter {name!r} has shape {got}, "
-                             f"expected {shape}: the checkpoint is from another model or plan")
+                             f"expected {expected[key]}: the checkpoint is from another model or "
+                             f"plan")
         local = value.to_local() if hasattr(value, "to_local") else value
         if key == "step":
             valid = not (local.is_floating_point() or local.is_complex()
                          or local.dtype == torch.bool) and int(local) >= 0
             wanted = "a non-negative integer count"
+        elif key == "m" and momentum_format == "int8":
+            valid, wanted = local.dtype == torch.int8, "int8 codes"
         else:
             valid = local.is_floating_point() and not bool(torch.isnan(local).any())
-            valid = valid and (key != "v" or bool((local >= 0).all()))
+            valid = valid and (key == "m" or bool((local >= 0).all()))
             wanted = ("floating-point values free of NaN" if key == "m" else
-                      "non-negative floating-point values (a mean of squares)")
+                      "non-negative floating-point values (a mean of squares, or scales)")
         if not valid:
             raise ValueError(f"checkpoint state {key!r} of parameter {name!r} ({local.dtype}) "
                              f"does not hold {wanted}: the checkpoint is corrupt; use an "

@@ -5,7 +5,9 @@
 * ``"step"``: a 0-d int64 tensor, the steps this parameter has taken (its own tensor: the
   optimizer bumps every stepped parameter's count once, at the end of a step);
 * ``"m"``: the first moment, the parameter's shape;
-* ``"v"``: the blockwise second moment, one value per block (``layout.v_shape``).
+* ``"v"``: the blockwise second moment, one value per block (``layout.v_shape``);
+* ``"m_scale"`` (``momentum_format="int8"`` only): ``m``'s fp32 scales, one per group of at most
+  256 elements along the last axis; ``m`` then holds int8 codes.
 
 :func:`chain_step` is the bridge to the pure :func:`~adam_mini_tx.adam_mini` chain: it turns the
 slots of parameters that share a step count into the chain's state and back. Every backend runs
@@ -28,9 +30,10 @@ Slots = dict[str, torch.Tensor]
 
 
 def new_slots(name: str, param: torch.Tensor, layout: BlockLayout,
-              state_dtype: torch.dtype | None) -> Slots:
-    """Fresh ``{"step": 0, "m": 0, "v": 0}`` for one parameter, made by the chain's ``init``."""
-    tx = adam_mini(plan={name: layout}, state_dtype=state_dtype)
+              state_dtype: torch.dtype | None, momentum_format: str | None = None) -> Slots:
+    """Fresh ``{"step": 0, "m": 0, "v": 0}`` (and ``"m_scale"`` for int8) for one parameter,
+    made by the chain's ``init``."""
+    tx = adam_mini(plan={name: layout}, state_dtype=state_dtype, momentum_format=momentum_format)
     return adam_mini_slots(tx.init({name: param}), name)
 
 
@@ -44,16 +47,24 @@ def new_flat_slots(partition: torch.Tensor, v_shape: tuple[int, ...],
             "v": torch.zeros(v_shape, dtype=dtype, device=partition.device)}
 
 
+def slot_keys(momentum_format: str | None) -> tuple[str, ...]:
+    """The state keys of a parameter whose ``m`` is stored in ``momentum_format``."""
+    return ("step", "m", "m_scale", "v") if momentum_format == "int8" else STATE_KEYS
+
+
 def chain_step(tx: GradientTransformation, params: Mapping[str, torch.Tensor],
                grads: Mapping[str, torch.Tensor], slots: Mapping[str, Mapping[str, torch.Tensor]],
-               row_sums: Mapping[str, torch.Tensor] | None = None
+               row_sums: Mapping[str, torch.Tensor] | None = None, seed: int | None = None,
+               salts: Mapping[str, torch.Tensor] | None = None
                ) -> tuple[dict[str, torch.Tensor], dict[str, Slots]]:
     """One step of the chain ``tx`` for ``params`` (which share one step count). Returns
     ``(updates, new_slots)``: ``p_new = p + updates[name]`` and the new ``{"step", "m", "v"}``.
-    ``row_sums`` (name -> row sums of squares) are the statistics of a pass made earlier.
-    Pure unless run with donated buffers (:func:`~adam_mini_tx.donation.donating`)."""
-    updates, state = tx.update(dict(grads), adam_mini_state_from_slots(dict(slots)), dict(params),
-                               row_sums=row_sums)
+    ``row_sums`` (name -> row sums of squares) are the statistics of a pass made earlier;
+    ``seed`` (None: ``m`` is not low-precision) and ``salts`` (by name; default: each name's),
+    those of a low-precision ``m``'s stochastic rounding. Pure unless run with donated
+    buffers (:func:`~adam_mini_tx.core.donation.donating`)."""
+    state = adam_mini_state_from_slots(dict(slots), None if seed is None else torch.tensor(seed))
+    updates, state = tx.update(dict(grads), state, dict(params), row_sums=row_sums, salts=salts)
     return updates, {name: adam_mini_slots(state, name) for name in params}
 
 
@@ -71,4 +82,5 @@ def own_copy(value: Any, device: torch.device, dtype: torch.dtype | None = None)
     return value.to(device=device, dtype=dtype or value.dtype, copy=True)
 
 
-__all__ = ["STATE_KEYS", "Slots", "new_slots", "new_flat_slots", "chain_step", "bump_steps", "own_copy"]
+__all__ = ["STATE_KEYS", "Slots", "new_slots", "new_flat_slots", "slot_keys", "chain_step",
+           "bump_steps", "own_copy"]

@@ -7,11 +7,12 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 
 from ..core.blocks import BlockLayout
+from ..core.lowbits import group_count
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,16 @@ class ParamBlocks:
     @property
     def state_bytes(self) -> int:
         """Adam-mini state: ``m`` (one per element) plus ``v`` (one per block)."""
-        return (self.numel + self.num_blocks) * _itemsize(self.dtype)
+        return self.state_bytes_as(None)
+
+    def state_bytes_as(self, momentum_format: str | None) -> int:
+        """The state's bytes with ``m`` stored in ``momentum_format`` (None: the parameter's
+        dtype; ``"int8"``: a byte per element and an fp32 scale per group of a row)."""
+        per_element = {None: _itemsize(self.dtype), "float32": 4, "bfloat16": 2, "int8": 1}
+        m = self.numel * per_element[momentum_format]
+        if momentum_format == "int8":
+            m += 4 * math.prod(self.shape[:-1]) * group_count(self.shape)
+        return m + self.num_blocks * _itemsize(self.dtype)
 
     @property
     def adamw_state_bytes(self) -> int:
@@ -99,23 +109,34 @@ class BlockPlan(Mapping[str, ParamBlocks]):
     def state_bytes(self) -> int:
         return sum(entry.state_bytes for entry in self.entries)
 
+    def state_bytes_as(self, momentum_format: str | None) -> int:
+        """Every parameter's :meth:`ParamBlocks.state_bytes_as`."""
+        return sum(entry.state_bytes_as(momentum_format) for entry in self.entries)
+
     @property
     def adamw_state_bytes(self) -> int:
         return sum(entry.adamw_state_bytes for entry in self.entries)
 
-    def table(self) -> str:
-        """A text table: one row per parameter, then totals against AdamW."""
+    def table(self, momentum_format: str | None = None) -> str:
+        """A text table: one row per parameter, then totals against AdamW (with ``m`` stored in
+        ``momentum_format``, also against fp32 AdamW)."""
         header = ("name", "shape", "role", "layout", "blocks", "state")
         rows = [(e.name, "x".join(map(str, e.shape)) or "scalar", e.role, e.layout.pattern,
-                 f"{e.num_blocks:,}", _bytes(e.state_bytes)) for e in self.entries]
+                 f"{e.num_blocks:,}", _bytes(e.state_bytes_as(momentum_format)))
+                for e in self.entries]
         widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
         line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()
-        ratio = self.state_bytes / self.adamw_state_bytes if self.adamw_state_bytes else 0.0
+        state = self.state_bytes_as(momentum_format)
+        ratio = state / self.adamw_state_bytes if self.adamw_state_bytes else 0.0
         out = [line(header), line(["-" * w for w in widths]), *map(line, rows), "",
                f"parameters: {self.numel:,} in {len(self)} tensors; second-moment values: "
                f"{self.num_blocks:,} (AdamW: {self.numel:,})",
-               f"optimizer state: {_bytes(self.state_bytes)} vs AdamW {_bytes(self.adamw_state_bytes)}"
+               f"optimizer state: {_bytes(state)} vs AdamW {_bytes(self.adamw_state_bytes)}"
                f" ({ratio:.3f}x)"]
+        if momentum_format is not None:
+            fp32 = 8 * self.numel
+            out.append(f"m stored as {momentum_format}: {state / fp32:.3f}x fp32 AdamW's state "
+                       f"({_bytes(fp32)})")
         fallbacks = self.fallback_lines()
         if fallbacks:
             out.append("fallbacks (no structural match; check these):")
@@ -150,6 +171,18 @@ class BlockPlan(Mapping[str, ParamBlocks]):
                 for e in self.entries}
 
 
+def check_coverage(plan: Mapping[str, Any], tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Every tensor has an entry in ``plan`` (a :class:`BlockPlan`, or ``name -> BlockLayout``)
+    made for its shape; else a ValueError naming the parameter."""
+    for name, tensor in tensors:
+        if name not in plan:
+            raise ValueError(f"parameter {name!r} is not covered by the block plan; build the plan "
+                             f"from the same model (amx.plan_blocks(model)) or add a rule for it")
+        if tuple(plan[name].shape) != tuple(tensor.shape):
+            raise ValueError(f"parameter {name!r} has shape {tuple(tensor.shape)} but the block "
+                             f"plan was made for {tuple(plan[name].shape)}; rebuild the plan")
+
+
 def warn_fallbacks(plan: BlockPlan, stacklevel: int = 1) -> bool:
     """Issue one ``UserWarning`` listing ``plan.fallback_lines()``, if there are any; returns
     whether it warned. ``stacklevel`` counts from the caller of this function, as for
@@ -171,4 +204,4 @@ def _bytes(n: int) -> str:
     raise AssertionError("unreachable")
 
 
-__all__ = ["ParamBlocks", "BlockPlan", "warn_fallbacks"]
+__all__ = ["ParamBlocks", "BlockPlan", "check_coverage", "warn_fallbacks"]

@@ -58,4 +58,17 @@ def assign(members: Sequence[Member], fused: bool, eager: EagerBackend,
             if chosen]
 
 
-__all__ = ["Backend", "RowSums", "assign", "EagerBackend", "CompiledBackend", "FlatBackend"]
+def row_sums(work: Sequence[Sequence[tuple[Backend, Any]]]
+             ) -> tuple[RowSums, list[torch.Tensor]]:
+    """The statistics pass over every group's work: all row sums by name, and the flags."""
+    sums: RowSums = {}
+    flags: list[torch.Tensor] = []
+    for backend, unit in (pair for units in work for pair in units):
+        unit_sums, unit_flags = backend.row_sums(unit)
+        sums.update(unit_sums)
+        flags.extend(unit_flags)
+    return sums, flags
+
+
+__all__ = ["Backend", "RowSums", "assign", "row_sums", "EagerBackend", "CompiledBackend",
+           "FlatBackend"]

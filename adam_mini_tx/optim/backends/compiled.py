@@ -27,6 +27,7 @@ import torch
 from ...functional.alias import DECAY_MASKS
 from ...core.base import to_dtype
 from ...core.blocks import BlockLayout, accumulation_dtype
+from ...core.lowbits import salt_of
 from ...core.guards import all_finite
 from ..hyperparams import Hyper, chain_for, from_scalar_arguments, scalar_arguments
 from ..members import Member
@@ -68,7 +69,7 @@ class CompiledBackend:
         kinds: dict[tuple, list[Member]] = {}
         for m in members:
             kind = (layouts[m.name], label(m.name, m.param), m.param.dtype, m.grad.dtype,
-                    m.state["m"].dtype, m.state["v"].dtype, hyper.eps_root, m.param.device)
+                    m.state["m"].dtype, m.state["v"].dtype, hyper.static(), m.param.device)
             kinds.setdefault((kind, int(m.state["step"])), []).append(m)
         rounds: dict[tuple, list[tuple[tuple, list[Member]]]] = {}
         for (kind, _), items in kinds.items():
@@ -110,8 +111,7 @@ class CompiledBackend:
             key = (round_.signature, sums is not None)
             compiled = self._apply_fns.get(key)
             if compiled is None:
-                statics = [(work.layouts[bucket[0].name], signature[1], hyper.eps_root,
-                            hyper.decay_mask)
+                statics = [(work.layouts[bucket[0].name], signature[1], hyper.static())
                            for bucket, signature in zip(round_.buckets, round_.signature)]
                 compiled = self._apply_fns[key] = _bound(_compile(_write_round_in_place),
                                                          statics)
@@ -146,8 +146,7 @@ def _bound(function: Callable, statics: Any) -> Callable:
 def _compile(function: Callable) -> Callable:
     """A private copy of ``function`` (torch.compile keeps one cache and one recompile limit per
     code object), compiled with only tensor and global-context guards: each is private to one
-    round signature, which the caller matched, so the other guards could never fail (they cost
-    ~0.4 ms per call)."""
+    round signature, which the caller matched, so the other guards could never fail."""
     fresh = types.FunctionType(function.__code__.replace(), function.__globals__,
                                function.__name__, function.__defaults__, function.__closure__)
     return torch.compile(fresh, fullgraph=True, dynamic=False,
@@ -166,32 +165,33 @@ def _row_sums_in_place(layouts: Sequence[Sequence[BlockLayout]],
     return all_finite({str(i): buffer for i, buffer in enumerate(every)})
 
 
-def _write_round_in_place(statics: Sequence[tuple[BlockLayout, str, float, str]],
+def _write_round_in_place(statics: Sequence[tuple[BlockLayout, str, Hyper]],
                           scalars: torch.Tensor, buckets: Sequence[tuple],
                           given: Sequence[Sequence[torch.Tensor]]) -> None:
-    """One round of the update pass: per bucket (its layout, decay label, ``eps_root`` and
-    mask), the chain with its hyperparameters read from ``scalars``, and ``p += u``,
-    ``m <- m_new``, ``v <- v_new`` written in place."""
-    for (layout, label, eps_root, mask), (params, grads, moments, second, step), sums in zip(
-            statics, buckets, given):
+    """One round of the update pass: per bucket (its layout, decay label and the static part
+    of its hyperparameters), the chain with its float hyperparameters read from ``scalars``,
+    and ``p += u`` and every state tensor but the step count written in place."""
+    for (layout, label, static), (params, grads, slots, salts), sums in zip(statics, buckets,
+                                                                            given):
         names = [str(i) for i in range(len(params))]
-        tx = chain_for(from_scalar_arguments(scalars, eps_root, mask),
-                       {name: layout for name in names}, lambda name, t: label)
-        slots = {name: {"step": step, "m": m, "v": v}
-                 for name, m, v in zip(names, moments, second)}
-        updates, new = chain_step(tx, dict(zip(names, params)), dict(zip(names, grads)), slots,
-                                  dict(zip(names, sums)) if sums else None)
-        for name, param, m, v in zip(names, params, moments, second):
+        tx = chain_for(from_scalar_arguments(scalars, static), {name: layout for name in names},
+                       lambda name, t: label)
+        updates, new = chain_step(tx, dict(zip(names, params)), dict(zip(names, grads)),
+                                  dict(zip(names, slots)),
+                                  dict(zip(names, sums)) if sums else None, static.rounding_seed,
+                                  {name: salts[i] for i, name in enumerate(names)})
+        for name, param, old in zip(names, params, slots):
             param.add_(to_dtype(updates[name], param.dtype))
-            m.copy_(new[name]["m"])
-            v.copy_(new[name]["v"])
+            for key, value in old.items():
+                if key != "step":
+                    value.copy_(new[name][key])
 
 
 def _bucket_args(bucket: Sequence[Member]) -> tuple:
-    """``(params, grads, m, v, step)`` of one bucket."""
-    return ([m.param for m in bucket], [m.grad for m in bucket],
-            [m.state["m"] for m in bucket], [m.state["v"] for m in bucket],
-            bucket[0].state["step"])
+    """``(params, grads, slots, salts)`` of one bucket (the slots share one step count; the
+    salts of the members' names, for stochastic rounding)."""
+    return ([m.param for m in bucket], [m.grad for m in bucket], [m.state for m in bucket],
+            torch.tensor([salt_of(m.name) for m in bucket]))
 
 
 def near_equal_split(items: list, most: int) -> list[list]:

@@ -86,7 +86,8 @@ class EagerBackend:
             with donating(self.workspace):
                 updates, _ = chain_step(tx, {p.name: p.param for p in chunk},
                                         {p.name: p.grad for p in chunk},
-                                        {p.name: p.state for p in chunk}, given)
+                                        {p.name: p.state for p in chunk}, given,
+                                        hyper.rounding_seed)
             for piece in chunk:
                 piece.param.add_(to_dtype(updates[piece.name], piece.param.dtype))
             written.extend(piece.member for piece in chunk
@@ -100,7 +101,9 @@ def row_pieces(member: Member, layout: BlockLayout,
     the pieces' layouts from one step to the next."""
     param, state = member.param, member.state
     block_rows = _rows_per_block(layout)
-    if param.numel() <= CHUNK_ELEMENTS or block_rows is None or is_dtensor(param):
+    scaled = "m_scale" in state  # int8 m: its scales run along the rows of a 2-D+ tensor
+    if param.numel() <= CHUNK_ELEMENTS or block_rows is None or is_dtensor(param) \
+            or (scaled and param.dim() < 2):
         return [(Piece(member.name, member, param, member.grad, state, None), layout)]
     cache = {} if cache is None else cache
     fitting = CHUNK_ELEMENTS // (param.numel() // param.shape[0])  # first-axis rows in a chunk
@@ -109,7 +112,9 @@ def row_pieces(member: Member, layout: BlockLayout,
     for start in range(0, param.shape[0], rows):
         stop = min(start + rows, param.shape[0])
         blocks = slice(start // block_rows, stop // block_rows)  # v's entries for these rows
-        piece_state = {"step": state["step"], "m": state["m"][start:stop], "v": state["v"][blocks]}
+        piece_state = {key: value if key == "step" else value[blocks if key == "v" else
+                                                              slice(start, stop)]
+                       for key, value in state.items()}
         piece = Piece(f"{member.name}[{start}:{stop}]", member, param[start:stop],
                       member.grad[start:stop], piece_state, slice(start, stop))
         if (layout, stop - start) not in cache:

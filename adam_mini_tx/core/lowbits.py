@@ -1,0 +1,120 @@
+"""Low-precision storage of a first moment: bfloat16 and blockwise int8, with deterministic
+stochastic rounding.
+
+* ``bfloat16``: ``x`` (fp32) rounded to bf16, to nearest or stochastically: the 16 bits that
+  bf16 drops are compared with 16 random bits, so ``E[round(x)] = x``.
+* ``int8``: along the last axis, groups of at most :data:`GROUP` elements share one fp32 scale
+  ``s = max|x| / 127``; an element is stored as ``q = round(x / s)`` in ``[-127, 127]``
+  (stochastically: ``floor(x / s + u)``, ``u`` uniform in ``[0, 1)``), read back as ``q s``.
+  The error is at most ``s / 2`` to nearest, below ``s`` stochastically (unbiased).
+
+The random bits come from a counter-based hash of ``(seed, step, salt, element index)``: pure
+integer tensor ops, the same on every call with the same inputs (a resumed run rounds exactly as
+an uninterrupted one), traceable by ``torch.compile`` and free of global generator state under
+``vmap``.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch.nn import functional as F
+
+FORMATS = ("float32", "bfloat16", "int8")
+"""The storage formats of :func:`~adam_mini_tx.momentum` (``momentum_format``)."""
+
+GROUP = 256
+"""Most elements per int8 scale, along the last axis."""
+
+_MASK = 0x7FFFFFFF  # every intermediate stays below 2**31 * 2**17: no int64 overflow
+
+
+class QuantizedMoment(NamedTuple):
+    codes: torch.Tensor  # int8, the parameter's shape
+    scales: torch.Tensor  # fp32, shape[:-1] + (groups,)
+
+
+def salt_of(name: str) -> int:
+    """A stable 31-bit salt for a parameter name (FNV-1a: the same in every process, and
+    traceable by ``torch.compile``)."""
+    salt = 2166136261
+    for byte in name.encode():
+        salt = ((salt ^ byte) * 16777619) & _MASK
+    return salt
+
+
+def uniform_noise(seed: torch.Tensor, count: torch.Tensor, salt: int | torch.Tensor,
+                  like: torch.Tensor) -> torch.Tensor:
+    """fp32 values in ``[0, 1)`` of ``like``'s shape, a function of ``(seed, count, salt,
+    index)`` only (multiply-xorshift rounds on 31-bit integers)."""
+    key = ((seed.to(torch.int64) & _MASK) * 69069 + (count.to(torch.int64) & _MASK)) & _MASK
+    key = (key * 69069 + salt) & _MASK
+    x = (torch.arange(like.numel(), dtype=torch.int64, device=like.device).reshape(like.shape)
+         + key) & _MASK
+    for multiplier, shift in ((48271, 16), (40503, 15), (69069, 13)):
+        x = (x * multiplier + key) & _MASK
+        x = x ^ (x >> shift)
+    return (x & 0xFFFFFF).to(torch.float32) * (1.0 / 2**24)
+
+
+def to_bfloat16(x: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 ``x`` in bf16: to nearest, or stochastically with ``noise`` uniform in [0, 1)."""
+    if noise is None:
+        return x.to(torch.bfloat16)
+    bits = x.view(torch.int32)
+    dither = (noise * 65536).to(torch.int32)  # 16 random bits below bf16's last one
+    rounded = ((bits + dither) & ~0xFFFF).view(torch.float32)
+    # NaN and Inf keep their bits; a finite value rounded past the largest bf16 becomes Inf
+    return torch.where(torch.isfinite(x), rounded, x).to(torch.bfloat16)
+
+
+def group_count(shape: tuple[int, ...]) -> int:
+    """Scales per row (along the last axis) of an int8 moment of ``shape``."""
+    last = shape[-1] if shape else 1
+    return max(1, math.ceil(last / GROUP))
+
+
+def quantize_int8(x: torch.Tensor, noise: torch.Tensor | None = None) -> QuantizedMoment:
+    """``x`` (fp32) as int8 codes and per-group scales; stochastic with ``noise``."""
+    rows = _grouped(x)
+    scales = rows.abs().amax(dim=-1) / 127
+    scaled = rows / torch.where(scales > 0, scales, 1.0).unsqueeze(-1)
+    if noise is None:
+        scaled = scaled.round()
+    else:
+        scaled = (scaled + _grouped(noise)).floor()
+    codes = _ungrouped(scaled.clamp(-127, 127), x.shape).to(torch.int8)
+    return QuantizedMoment(codes, scales.reshape(_scales_shape(x.shape)))
+
+
+def dequantize_int8(moment: QuantizedMoment) -> torch.Tensor:
+    """The fp32 values of an int8 moment."""
+    rows = _grouped(moment.codes.to(torch.float32))
+    scales = moment.scales.reshape(rows.shape[:-1])
+    return _ungrouped(rows * scales.unsqueeze(-1), moment.codes.shape)
+
+
+def _scales_shape(shape: torch.Size) -> tuple[int, ...]:
+    return (*shape[:-1], group_count(tuple(shape))) if len(shape) else (1,)
+
+
+def _grouped(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as ``(..., groups, group)`` along its last axis, zero-padded to whole groups."""
+    x = x.reshape(1) if x.dim() == 0 else x
+    groups = group_count(tuple(x.shape))
+    size = math.ceil(x.shape[-1] / groups)
+    if groups * size != x.shape[-1]:
+        x = F.pad(x, (0, groups * size - x.shape[-1]))
+    return x.reshape(*x.shape[:-1], groups, size)
+
+
+def _ungrouped(rows: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The inverse of :func:`_grouped`."""
+    flat = rows.reshape(*rows.shape[:-2], -1)
+    last = shape[-1] if len(shape) else 1
+    return flat[..., :last].reshape(shape)
+
+
+__all__ = ["FORMATS", "GROUP", "QuantizedMoment", "salt_of", "uniform_noise", "to_bfloat16",
+           "group_count", "quantize_int8", "dequantize_int8"]
