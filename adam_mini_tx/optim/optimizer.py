@@ -17,7 +17,7 @@ from torch import nn
 
 from ..core.guards import check_policy
 from ..planning import BlockPlan, plan_blocks, warn_fallbacks
-from .backends import CompiledBackend, EagerBackend, assign, row_sums
+from .backends import CompiledBackend, EagerBackend, FlatBackend, assign, row_sums
 from .groups import (named_group, named_groups, reject_duplicates, reject_sharded_low_precision,
                      resolve_plan)
 from .hyperparams import Hyper, read_hyperparameters
@@ -79,10 +79,11 @@ class AdamMini(torch.optim.Optimizer):
             read_hyperparameters(group, f"param group {index}: ")
             reject_sharded_low_precision(group, index)
         self.plan = resolve_plan(plan, self._named_params(), **self._plan_kwargs)
+        self._originals = dict(self._named_params())  # DeepSpeed replaces them in the groups
         mro = type(self).__mro__
         warn_fallbacks(self.plan, stacklevel=2 + sum("__init__" in vars(cls)  # the user's line
                                                      for cls in mro[:mro.index(AdamMini)]))
-        self._backends = (EagerBackend(), CompiledBackend())
+        self._backends = (EagerBackend(), CompiledBackend(), FlatBackend())
         self._layout_cache: tuple[BlockPlan | None, dict] = (None, {})
 
     @torch.no_grad()
@@ -94,7 +95,8 @@ class AdamMini(torch.optim.Optimizer):
                 loss = closure()
         layouts = self._layouts()
         # 1. the members (a first step's state stays pending until the step is sure to go on)
-        groups, pending = collect(self.param_groups, self.state, layouts, self.state_dtype)
+        groups, pending = collect(self.param_groups, self.state, layouts, self.state_dtype,
+                                  self._originals)
         # 2. everything a backend will read, checked: after this the step cannot fail on input
         hypers = [read_hyperparameters(group, f"param group {index}: ")
                   for index, group in enumerate(self.param_groups)]
@@ -126,9 +128,8 @@ class AdamMini(torch.optim.Optimizer):
     def _work(self, groups: list[list[Member]], hypers: list[Hyper], layouts: dict,
               widened: frozenset[str] = frozenset()) -> list[list[tuple[Any, Any]]]:
         """Per group, ``(backend, work)`` for its members (the backends chosen by ``assign``)."""
-        eager, compiled = self._backends
         return [[(backend, backend.prepare(chosen, layouts, hyper))
-                 for backend, chosen in assign(members, self.fused, eager, compiled, widened)]
+                 for backend, chosen in assign(members, self.fused, *self._backends, widened)]
                 for members, hyper in zip(groups, hypers)]
 
     @property
@@ -170,6 +171,7 @@ class AdamMini(torch.optim.Optimizer):
             new = [(name, param) for name, param in named if name not in self.plan]
             plan = self.plan.merged(plan_blocks(new, **self._plan_kwargs)) if new else self.plan
             self.plan = resolve_plan(plan, named)
+            self._originals.update(named)
         except Exception:
             self.param_groups[:] = groups_before
             self.plan = plan_before
@@ -190,7 +192,8 @@ class AdamMini(torch.optim.Optimizer):
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = hook(self, state_dict)
             state_dict = state_dict if result is None else result
-        groups, state = restored(state_dict, self.param_groups, self.plan, self.state_dtype)
+        groups, state = restored(state_dict, self.param_groups, self.plan, self.state_dtype,
+                                 self._originals)
         self.__setstate__({"state": defaultdict(dict, state), "param_groups": groups})
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
@@ -203,7 +206,8 @@ class AdamMini(torch.optim.Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("fused", False)
         self.__dict__.setdefault("_names_by_id", {})
-        self.__dict__.setdefault("_backends", (EagerBackend(), CompiledBackend()))
+        self.__dict__.setdefault("_backends", (EagerBackend(), CompiledBackend(), FlatBackend()))
+        self.__dict__.setdefault("_originals", dict(self._named_params()))
         self.__dict__.setdefault("_layout_cache", (None, {}))
         for group in self.param_groups:  # checkpoints from before the count existed
             group.setdefault("nonfinite_skipped", 0)

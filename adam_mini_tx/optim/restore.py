@@ -20,6 +20,7 @@ import torch
 from ..planning import BlockPlan
 from .hyperparams import HYPERPARAMETERS, read_hyperparameters
 from ..core.lowbits import group_count
+from .members import group_entries
 from .state import own_copy, slot_keys
 
 logger = logging.getLogger("adam_mini_tx")
@@ -28,10 +29,13 @@ _LAYOUT_FIELDS = ("shape", "perm", "row_dims", "runs")  # what a plan entry mean
 
 
 def restored(state_dict: Any, groups: Sequence[Mapping[str, Any]], plan: BlockPlan,
-             state_dtype: torch.dtype | None) -> tuple[list[dict[str, Any]], dict]:
+             state_dtype: torch.dtype | None, originals: Mapping[str, torch.Tensor]
+             ) -> tuple[list[dict[str, Any]], dict]:
     """The param groups and state that loading ``state_dict`` gives (see the module
     docstring). State keeps its saved dtype unless ``state_dtype`` was given explicitly (it then
-    applies to ``v``, and to ``m`` when no ``momentum_format`` sets ``m``'s)."""
+    applies to ``v``, and to ``m`` when no ``momentum_format`` sets ``m``'s).
+    ``originals``: name -> the parameter the optimizer was given (a group whose tensors
+    DeepSpeed replaced by flat partitions is checked against those partitions)."""
     if not isinstance(state_dict, Mapping) or "param_groups" not in state_dict \
             or not isinstance(state_dict.get("state"), Mapping):
         raise ValueError("not an optimizer state dict: expected a mapping with 'state' (a "
@@ -43,17 +47,18 @@ def restored(state_dict: Any, groups: Sequence[Mapping[str, Any]], plan: BlockPl
         _check_plan(state_dict["plan"], plan, rename)
     known = set()
     state: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
-    for saved, group in zip(saved_groups, groups):
+    layouts = plan.layouts()
+    for number, (saved, group) in enumerate(zip(saved_groups, groups)):
         known.update(saved["params"])
-        for index, name, param in zip(saved["params"], group["param_names"], group["params"]):
+        for index, entry in zip(saved["params"], group_entries(group, number, originals, layouts)):
             slots = state_dict["state"].get(index)
             if slots is not None:
-                _check_slots(name, param, slots, plan[name].layout.v_shape,
+                _check_slots(entry.name, entry.param, slots, entry.v_shape,
                              group.get("momentum_format"))
                 follows = ("v", "m") if group.get("momentum_format") is None else ("v",)
-                state[param] = {key: own_copy(value, _device(key, value, param),
-                                              state_dtype if key in follows else None)
-                                for key, value in slots.items()}
+                state[entry.param] = {key: own_copy(value, _device(key, value, entry.param),
+                                                    state_dtype if key in follows else None)
+                                      for key, value in slots.items()}
     unknown = [index for index in state_dict["state"] if index not in known]
     if unknown:
         raise ValueError(f"checkpoint has state for parameter ids {unknown[:5]} that no param "

@@ -37,6 +37,16 @@ def new_slots(name: str, param: torch.Tensor, layout: BlockLayout,
     return adam_mini_slots(tx.init({name: param}), name)
 
 
+def new_flat_slots(partition: torch.Tensor, v_shape: tuple[int, ...],
+                   state_dtype: torch.dtype | None) -> Slots:
+    """Fresh state of a flat partition (DeepSpeed ZeRO): ``m`` like the partition, ``v`` one
+    value per block of its pieces (:class:`~adam_mini_tx.distributed.FlatPartition`)."""
+    dtype = state_dtype or partition.dtype
+    return {"step": torch.zeros((), dtype=torch.int64),
+            "m": torch.zeros_like(partition, dtype=dtype),
+            "v": torch.zeros(v_shape, dtype=dtype, device=partition.device)}
+
+
 def slot_keys(momentum_format: str | None) -> tuple[str, ...]:
     """The state keys of a parameter whose ``m`` is stored in ``momentum_format``."""
     return ("step", "m", "m_scale", "v") if momentum_format == "int8" else STATE_KEYS
@@ -72,4 +82,5 @@ def own_copy(value: Any, device: torch.device, dtype: torch.dtype | None = None)
     return value.to(device=device, dtype=dtype or value.dtype, copy=True)
 
 
-__all__ = ["STATE_KEYS", "Slots", "new_slots", "slot_keys", "chain_step", "bump_steps", "own_copy"]
+__all__ = ["STATE_KEYS", "Slots", "new_slots", "new_flat_slots", "slot_keys", "chain_step",
+           "bump_steps", "own_copy"]

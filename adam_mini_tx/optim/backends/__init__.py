@@ -25,6 +25,7 @@ from ..hyperparams import Hyper
 from ..members import Member
 from .compiled import CompiledBackend
 from .eager import EagerBackend
+from .flat import FlatBackend
 
 RowSums = dict[str, torch.Tensor]
 
@@ -40,18 +41,21 @@ class Backend(Protocol):
 
 
 def assign(members: Sequence[Member], fused: bool, eager: EagerBackend,
-           compiled: CompiledBackend, widened: frozenset[str] = frozenset()
+           compiled: CompiledBackend, flat: FlatBackend, widened: frozenset[str] = frozenset()
            ) -> list[tuple[Backend, list[Member]]]:
-    """``(backend, members)`` pairs for one group: the compiled backend for plain tensors when
-    ``fused``, else (and for DTensors, whose sharded statistics need collectives that compiled
-    rounds do not make) the eager one. Members whose statistics were widened to float64 this
-    step (a rare repair) run eagerly too, in a backend of their own that keeps nothing."""
+    """``(backend, members)`` pairs for one group: flat partitions (DeepSpeed ZeRO) to the flat
+    backend; the compiled backend for plain tensors when ``fused``, else (and for DTensors,
+    whose sharded statistics need collectives that compiled rounds do not make) the eager one.
+    Members whose statistics were widened to float64 this step (a rare repair) run eagerly
+    too, in a backend of their own that keeps nothing."""
+    partitions = [m for m in members if m.partition is not None]
     repaired = [m for m in members if m.name in widened]
-    members = [m for m in members if m.name not in widened]
+    members = [m for m in members if m.name not in widened and m.partition is None]
     rest = [m for m in members if not fused or is_dtensor(m.param)]
     fast = [m for m in members if fused and not is_dtensor(m.param)]
     return [(backend, chosen) for backend, chosen in
-            ((compiled, fast), (eager, rest), (EagerBackend(), repaired)) if chosen]
+            ((flat, partitions), (compiled, fast), (eager, rest), (EagerBackend(), repaired))
+            if chosen]
 
 
 def row_sums(work: Sequence[Sequence[tuple[Backend, Any]]]
@@ -66,4 +70,5 @@ def row_sums(work: Sequence[Sequence[tuple[Backend, Any]]]
     return sums, flags
 
 
-__all__ = ["Backend", "RowSums", "assign", "row_sums", "EagerBackend", "CompiledBackend"]
+__all__ = ["Backend", "RowSums", "assign", "row_sums", "EagerBackend", "CompiledBackend",
+           "FlatBackend"]

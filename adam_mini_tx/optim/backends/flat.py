@@ -1,0 +1,91 @@
+"""The flat-partition backend: the chain over the pieces of DeepSpeed ZeRO's flat partitions.
+
+A member with a :class:`~adam_mini_tx.distributed.FlatPartition` is a 1-D tensor holding
+fragments of several parameters. Its statistics pass sums ``g*g`` per row of every parameter of
+the partition's group over its pieces and all-reduces them over the ranks (one collective of
+``O(rows)`` values per partition, made on every rank in the same order); ``apply`` runs the chain
+on the pieces (views of the partition, its gradient, ``m`` and ``v``) with the row sums that make
+every piece's block statistic the whole block's (``FlatPartition.piece_row_sums``), in place
+(donated), in calls of at most ``PIECE_ELEMENTS`` elements (one chunk's temporaries), with each
+piece's weight decay decided by its parameter's name and shape.
+"""
+from __future__ import annotations
+
+from typing import Mapping, NamedTuple, Sequence
+
+import torch
+
+from ...core.base import to_dtype
+from ...core.blocks import BlockLayout
+from ...core.donation import Workspace, donating
+from ...distributed.flat import PIECE_ELEMENTS
+from ...functional.alias import DECAY_MASKS
+from ..hyperparams import Hyper, chain_for
+from ..members import Member
+from ..state import chain_step
+
+
+class FlatWork(NamedTuple):
+    members: list[Member]
+    shapes: dict[str, tuple[int, ...]]  # parameter name -> its shape (for the decay mask)
+
+
+class FlatBackend:
+    """See the module docstring; keeps one :class:`Workspace` (one chunk's temporaries)."""
+
+    def __init__(self) -> None:
+        self.workspace = Workspace()
+
+    @property
+    def scratch_bytes(self) -> int:
+        return self.workspace.nbytes
+
+    def prepare(self, members: Sequence[Member], layouts: Mapping[str, BlockLayout],
+                hyper: Hyper) -> FlatWork:
+        return FlatWork(list(members), {name: layout.shape for member in members
+                                        for name, layout in member.partition.params})
+
+    def row_sums(self, work: FlatWork) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+        sums = {member.name: member.partition.row_sums(member.grad, member.state["v"].dtype)
+                for member in work.members}
+        return sums, [torch.isfinite(torch.cat(list(sums.values()))).all()] if sums else []
+
+    def apply(self, work: FlatWork, hyper: Hyper, sums: Mapping[str, torch.Tensor] | None,
+              written: list[Member]) -> None:
+        sums = self.row_sums(work)[0] if sums is None else sums
+        mask = DECAY_MASKS[hyper.decay_mask]
+        for member in work.members:
+            partition = member.partition
+            labels = {piece.name: mask(piece.param_name, torch.empty(
+                work.shapes[piece.param_name], device="meta")) for piece in partition.pieces}
+            tx = chain_for(hyper, {piece.name: piece.layout for piece in partition.pieces},
+                           lambda name, tensor: labels[name])
+            params, grads = partition.views(member.param), partition.views(member.grad)
+            m, v = partition.views(member.state["m"]), partition.v_views(member.state["v"])
+            given = partition.piece_row_sums(sums[member.name])
+            for chunk in _chunks(list(params), {n: p.numel() for n, p in params.items()}):
+                slots = {name: {"step": member.state["step"], "m": m[name], "v": v[name]}
+                         for name in chunk}
+                with donating(self.workspace):
+                    updates, _ = chain_step(tx, {n: params[n] for n in chunk},
+                                            {n: grads[n] for n in chunk}, slots,
+                                            {n: given[n] for n in chunk})
+                for name in chunk:
+                    params[name].add_(to_dtype(updates[name], params[name].dtype))
+            written.append(member)
+
+
+def _chunks(names: list[str], sizes: dict[str, int]) -> list[list[str]]:
+    """``names`` in order, packed into chain calls of at most ``PIECE_ELEMENTS`` elements."""
+    packed: list[list[str]] = []
+    filled = PIECE_ELEMENTS
+    for name in names:
+        if filled + sizes[name] > PIECE_ELEMENTS:
+            packed.append([])
+            filled = 0
+        packed[-1].append(name)
+        filled += sizes[name]
+    return packed
+
+
+__all__ = ["FlatBackend", "FlatWork"]
