@@ -15,6 +15,7 @@ an uninterrupted one), traceable by ``torch.compile`` and free of global generat
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -36,6 +37,7 @@ class QuantizedMoment(NamedTuple):
     scales: torch.Tensor  # fp32, shape[:-1] + (groups,)
 
 
+@functools.lru_cache(maxsize=65536)
 def salt_of(name: str) -> int:
     """A stable 31-bit salt for a parameter name (FNV-1a: the same in every process, and
     traceable by ``torch.compile``)."""

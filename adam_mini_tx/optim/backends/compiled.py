@@ -105,7 +105,8 @@ class CompiledBackend:
         for round_ in work.rounds:
             if round_.device not in scalars:
                 scalars[round_.device] = scalar_arguments(hyper, round_.device)
-            args = [_bucket_args(bucket) for bucket in round_.buckets]
+            args = [_bucket_args(bucket, hyper.rounding_seed is not None)
+                    for bucket in round_.buckets]
             given = [[] if sums is None else [sums[m.name] for m in bucket]
                      for bucket in round_.buckets]
             key = (round_.signature, sums is not None)
@@ -179,7 +180,7 @@ def _write_round_in_place(statics: Sequence[tuple[BlockLayout, str, Hyper]],
         updates, new = chain_step(tx, dict(zip(names, params)), dict(zip(names, grads)),
                                   dict(zip(names, slots)),
                                   dict(zip(names, sums)) if sums else None, static.rounding_seed,
-                                  {name: salts[i] for i, name in enumerate(names)})
+                                  None if salts is None else dict(zip(names, salts.unbind())))
         for name, param, old in zip(names, params, slots):
             param.add_(to_dtype(updates[name], param.dtype))
             for key, value in old.items():
@@ -187,11 +188,11 @@ def _write_round_in_place(statics: Sequence[tuple[BlockLayout, str, Hyper]],
                     value.copy_(new[name][key])
 
 
-def _bucket_args(bucket: Sequence[Member]) -> tuple:
-    """``(params, grads, slots, salts)`` of one bucket (the slots share one step count; the
-    salts of the members' names, for stochastic rounding)."""
-    return ([m.param for m in bucket], [m.grad for m in bucket], [m.state for m in bucket],
-            torch.tensor([salt_of(m.name) for m in bucket]))
+def _bucket_args(bucket: Sequence[Member], rounded: bool = False) -> tuple:
+    """``(params, grads, slots, salts)`` of one bucket (the slots share one step count; with a
+    ``rounded`` low-precision ``m``, the salts of the members' names, else None)."""
+    salts = torch.tensor([salt_of(m.name) for m in bucket]) if rounded else None
+    return [m.param for m in bucket], [m.grad for m in bucket], [m.state for m in bucket], salts
 
 
 def near_equal_split(items: list, most: int) -> list[list]:
