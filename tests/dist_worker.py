@@ -37,9 +37,11 @@ def batch(step: int) -> torch.Tensor:
     return torch.randint(0, CONFIG.vocab_size, (4, 13), generator=gen)
 
 
-def make_optimizer(model: torch.nn.Module, fused: bool = False) -> amx.AdamMini:
+def make_optimizer(model: torch.nn.Module, fused: bool = False,
+                   momentum_format: str | None = None) -> amx.AdamMini:
     return amx.AdamMini(model.named_parameters(), n_heads=CONFIG.n_heads,
-                        n_kv_heads=CONFIG.n_kv_heads, fused=fused, **HYPER)
+                        n_kv_heads=CONFIG.n_kv_heads, fused=fused,
+                        momentum_format=momentum_format, **HYPER)
 
 
 def train(model, opt, steps: range) -> None:
@@ -158,15 +160,18 @@ def fsdp_reshard_from_two(rank, world, out):
 
 
 def ddp_train(rank, world, out):
-    """DDP works unchanged: the same batch on every rank gives the single-process run."""
-    model = DistributedDataParallel(make_model())
-    opt = amx.AdamMini(model.module.named_parameters(), n_heads=CONFIG.n_heads,
-                       n_kv_heads=CONFIG.n_kv_heads, **HYPER)
-    for step in range(STEPS):
-        opt.zero_grad()
-        _ddp_loss(model, step).backward()
-        opt.step()
-    return {"params": full_params(model.module)}
+    """DDP works unchanged: the same batch on every rank gives the single-process run, with
+    fp32 and with int8 momentum."""
+    out = {}
+    for key, momentum_format in (("params", None), ("int8", "int8")):
+        model = DistributedDataParallel(make_model())
+        opt = make_optimizer(model.module, momentum_format=momentum_format)
+        for step in range(STEPS):
+            opt.zero_grad()
+            _ddp_loss(model, step).backward()
+            opt.step()
+        out[key] = full_params(model.module)
+    return out
 
 
 def _ddp_loss(model, step):

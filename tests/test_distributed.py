@@ -86,6 +86,9 @@ def test_dcp_lazy_state_init_leaves_params_unchanged():
 def test_ddp_works_unchanged(two_ranks):
     _, results = two_ranks
     assert_params_close(results["ddp_train"]["params"], single_process_run())
+    model = w.make_model()
+    int8 = single_process_run(model=model, opt=w.make_optimizer(model, momentum_format="int8"))
+    assert_params_close(results["ddp_train"]["int8"], int8)
 
 
 def test_three_ranks_and_reshard_two_to_three(two_ranks):
