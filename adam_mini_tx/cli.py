@@ -55,13 +55,14 @@ _positive_float.__name__ = "positive number"
 # ----- demo ------------------------------------------------------------------------------------
 def _add_demo(parser: argparse.ArgumentParser) -> None:
     from .demo.model import SIZES
-    from .demo.train import OPTIMIZERS, DemoConfig
+    from .demo.train import CHOICES, DemoConfig
 
     defaults = DemoConfig()
     parser.add_argument("--steps", type=_positive_int, default=defaults.steps)
     parser.add_argument("--size", choices=sorted(SIZES), default=defaults.size)
     parser.add_argument("--optimizers", default=",".join(defaults.optimizers),
-                        help=f"comma-separated, from {','.join(OPTIMIZERS)}")
+                        help=f"comma-separated, from {','.join(CHOICES)} (the last two: "
+                             f"Adam-mini with its first moment stored in bf16 or int8)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--device", default=defaults.device, help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--batch", type=_positive_int, default=defaults.batch)
@@ -74,13 +75,13 @@ def _add_demo(parser: argparse.ArgumentParser) -> None:
 
 def _run_demo(args: argparse.Namespace) -> int:
     from .demo.report import table
-    from .demo.train import OPTIMIZERS, DemoConfig, check_out_dir, resolve_device, run_demo
+    from .demo.train import CHOICES, DemoConfig, check_out_dir, resolve_device, run_demo
 
     optimizers = tuple(name.strip() for name in args.optimizers.split(",") if name.strip())
-    unknown = [name for name in optimizers if name not in OPTIMIZERS]
+    unknown = [name for name in optimizers if name not in CHOICES]
     if unknown or not optimizers:
         raise UsageError(f"argument --optimizers: unknown {unknown}; choose from "
-                         f"{','.join(OPTIMIZERS)}")
+                         f"{','.join(CHOICES)}")
     try:
         resolve_device(args.device)
     except ValueError as error:

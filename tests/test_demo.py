@@ -61,3 +61,16 @@ def test_unwritable_out_fails_before_training(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "run_one", lambda *a, **k: pytest.fail("trained before checking"))
     with pytest.raises(ValueError, match="output directory .* is not writable"):
         train.run_demo(train.DemoConfig(steps=1), str(tmp_path / "a_file" / "out"))
+
+
+def test_the_momentum_formats_run_side_by_side(tmp_path, capsys):
+    """``--optimizers`` takes Adam-mini with a bf16 or int8 first moment: each gets a row, a
+    ratio to AdamW and its smaller state."""
+    assert main([*TINY, "--no-progress", "--out", str(tmp_path), "--optimizers",
+                 "adamw,adam_mini,adam_mini_bf16,adam_mini_int8"]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    states = [results[name]["state_bytes"] for name in ("adam_mini", "adam_mini_bf16",
+                                                        "adam_mini_int8")]
+    assert states[0] > states[1] > states[2] > 0
+    out = capsys.readouterr().out
+    assert "Adam-mini, int8 m / AdamW: val loss x" in out and "Adam-mini, bf16 m" in out

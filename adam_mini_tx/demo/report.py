@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 
 from ..checkpoint import write_atomic
 
-LABELS = {"adamw": "AdamW (torch)", "adam_mini": "Adam-mini (adam_mini_tx)"}
+LABELS = {"adamw": "AdamW (torch)", "adam_mini": "Adam-mini (adam_mini_tx)",
+          "adam_mini_bf16": "Adam-mini, bf16 m", "adam_mini_int8": "Adam-mini, int8 m"}
 
 
 @dataclass
@@ -32,9 +33,11 @@ def table(results: dict[str, RunResult]) -> str:
     fmt = lambda row: "  ".join(c.rjust(w) if i else c.ljust(w)
                                 for i, (c, w) in enumerate(zip(row, widths)))
     lines = [fmt(header), fmt(tuple("-" * w for w in widths)), *map(fmt, rows)]
-    if {"adamw", "adam_mini"} <= results.keys():
-        a, m = results["adamw"], results["adam_mini"]
-        lines.append(f"\nAdam-mini / AdamW: val loss x{m.val_loss / a.val_loss:.4f}, "
+    ratios = [(LABELS.get(name, name) if name != "adam_mini" else "Adam-mini", r)
+              for name, r in results.items() if name != "adamw"] if "adamw" in results else []
+    for index, (label, m) in enumerate(ratios):
+        a, gap = results["adamw"], "" if index else "\n"
+        lines.append(f"{gap}{label} / AdamW: val loss x{m.val_loss / a.val_loss:.4f}, "
                      f"optimizer state x{m.state_bytes / a.state_bytes:.3f}")
     return "\n".join(lines)
 

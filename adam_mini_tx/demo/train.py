@@ -19,6 +19,9 @@ from .model import GPT, GPTConfig
 from .report import RunResult, plot
 
 OPTIMIZERS = ("adamw", "adam_mini")
+MOMENTUM_FORMATS = {"adam_mini": None, "adam_mini_bf16": "bfloat16", "adam_mini_int8": "int8"}
+CHOICES = ("adamw", *MOMENTUM_FORMATS)
+"""What ``--optimizers`` accepts: Adam-mini also with its first moment in bf16 or int8."""
 EXTRAS_HINT = "pip install adam_mini_tx[demo]"
 logger = logging.getLogger(__name__)
 
@@ -94,10 +97,11 @@ def make_optimizer(name: str, model: GPT, cfg: DemoConfig) -> torch.optim.Optimi
         groups = [{"params": [p for _, p in named if p.dim() >= 2], "weight_decay": cfg.weight_decay},
                   {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0}]
         return torch.optim.AdamW(groups, **common)
-    if name == "adam_mini":
+    if name in MOMENTUM_FORMATS:
         return AdamMini(model.named_parameters(), weight_decay=cfg.weight_decay,
-                        n_heads=model.config.n_heads, n_kv_heads=model.config.n_kv_heads, **common)
-    raise ValueError(f"unknown optimizer {name!r}; choose from {OPTIMIZERS}")
+                        n_heads=model.config.n_heads, n_kv_heads=model.config.n_kv_heads,
+                        momentum_format=MOMENTUM_FORMATS[name], **common)
+    raise ValueError(f"unknown optimizer {name!r}; choose from {CHOICES}")
 
 
 def warmup_cosine(steps: int, warmup: int) -> Callable[[int], float]:
