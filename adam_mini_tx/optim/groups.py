@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..core.blocks import is_dtensor
+from ..functional.moments import LOW_PRECISION
 from ..planning import BlockPlan, check_coverage, plan_blocks
 
 
@@ -83,7 +84,7 @@ def reject_duplicates(groups: Iterable[Mapping[str, Any]]) -> None:
 
 def reject_sharded_low_precision(group: Mapping[str, Any], index: int) -> None:
     """A low-precision ``m`` is not supported for DTensor (FSDP2, TP) parameters yet."""
-    if group.get("momentum_format") not in ("bfloat16", "int8"):
+    if group.get("momentum_format") not in LOW_PRECISION:
         return
     for name, param in zip(group["param_names"], group["params"]):
         if is_dtensor(param):

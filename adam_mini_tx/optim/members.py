@@ -16,6 +16,7 @@ import torch
 from ..core.base import check_gradients
 from ..core.blocks import BlockLayout
 from ..distributed import FlatPartition, deepspeed_partitions
+from ..functional.moments import LOW_PRECISION
 from .state import Slots, new_flat_slots, new_slots
 
 
@@ -46,7 +47,7 @@ def group_entries(group: Mapping[str, Any], index: int, originals: Mapping[str, 
     names, params = group["param_names"], group["params"]
     partitions = deepspeed_partitions(params, names, originals, layouts)
     if partitions is not None:
-        if group.get("momentum_format") in ("bfloat16", "int8"):
+        if group.get("momentum_format") in LOW_PRECISION:
             raise ValueError(f"param group {index}: momentum_format="
                              f"{group['momentum_format']!r} is not supported under DeepSpeed ZeRO "
                              f"stages 1-3 yet (its flat partitions cut rows); use "
