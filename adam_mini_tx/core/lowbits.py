@@ -47,19 +47,27 @@ def salt_of(name: str) -> int:
     return salt
 
 
-def uniform_noise(seed: torch.Tensor, count: torch.Tensor, salt: int | torch.Tensor,
-                  like: torch.Tensor) -> torch.Tensor:
-    """fp32 values in ``[0, 1)`` of ``like``'s shape, a function of ``(seed, count, salt,
-    index)`` only: ``u_i = frac(i a + k)`` on 24 bits (a Weyl sequence, ``a`` the golden ratio),
-    its offset ``k`` a hash of ``(seed, count, salt)`` (multiply-xorshift rounds on 31-bit
-    integers). For a fixed element, ``k`` makes ``u`` uniform from step to step, which is what
-    keeps stochastic rounding unbiased; within a step the values are evenly spread. Three
-    elementwise integer ops per element."""
-    key = ((seed.to(torch.int64) & _MASK) * 69069 + (count.to(torch.int64) & _MASK)) & _MASK
+def noise_key(seed: int | torch.Tensor, count: int | torch.Tensor,
+              salt: int | torch.Tensor) -> int | torch.Tensor:
+    """The offset ``k`` of :func:`uniform_noise`: a hash of ``(seed, count, salt)``
+    (multiply-xorshift rounds on 31-bit integers), of Python ints or int64 tensors alike."""
+    key = ((seed & _MASK) * 69069 + (count & _MASK)) & _MASK
     key = (key * 69069 + salt) & _MASK
     for multiplier, shift in ((48271, 16), (40503, 15), (69069, 13)):
         key = (key * multiplier + 12345) & _MASK
         key = key ^ (key >> shift)
+    return key
+
+
+def uniform_noise(seed: torch.Tensor, count: torch.Tensor, salt: int | torch.Tensor,
+                  like: torch.Tensor) -> torch.Tensor:
+    """fp32 values in ``[0, 1)`` of ``like``'s shape, a function of ``(seed, count, salt,
+    index)`` only: ``u_i = frac(i a + k)`` on 24 bits (a Weyl sequence, ``a`` the golden ratio),
+    its offset ``k`` = :func:`noise_key` ``(seed, count, salt)``. For a fixed element, ``k``
+    makes ``u`` uniform from step to step, which is what
+    keeps stochastic rounding unbiased; within a step the values are evenly spread. Three
+    elementwise integer ops per element."""
+    key = noise_key(seed.to(torch.int64), count.to(torch.int64), salt)
     index = torch.arange(like.numel(), dtype=torch.int64, device=like.device).reshape(like.shape)
     return ((index * _GOLDEN + key) & 0xFFFFFF).to(torch.float32) * (1.0 / 2**24)
 
@@ -122,5 +130,6 @@ def _ungrouped(rows: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return flat[..., :last].reshape(shape)
 
 
-__all__ = ["FORMATS", "GROUP", "QuantizedMoment", "salt_of", "uniform_noise", "to_bfloat16",
+__all__ = ["FORMATS", "GROUP", "QuantizedMoment", "salt_of", "noise_key", "uniform_noise",
+           "to_bfloat16",
            "group_count", "quantize_int8", "dequantize_int8"]

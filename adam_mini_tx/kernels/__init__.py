@@ -1,0 +1,1 @@
+"""Single-pass kernels of the Adam-mini step (:mod:`.spec` says what every kernel computes)."""
