@@ -36,24 +36,36 @@ SIZES = {  # name -> (vocab, dim, layers, heads, kv heads, mlp hidden): Llama-sh
 }
 DEFAULT_SIZES = "25m,36m,125m,350m"
 # bytes an fp32 step must move per parameter: AdamW reads p, g, m, v and writes p, m, v; Adam-mini
-# has no per-element v (reads p, g, m, writes p, m). Implementations that read g a second time for
-# the block statistic move 24.
-BYTES_PER_PARAM = {"adamw": 28, "adam_mini": 20}
+# has no per-element v (reads p, g, m, writes p, m). A step that checks every gradient for NaN/Inf
+# before it writes anything (nonfinite="skip") must read g a second time: 24.
+BYTES_PER_PARAM = {"adamw": 28, "adam_mini": 20, "adam_mini_checked": 24}
 
 
-def candidates(model: GPT, heads: int, kv_heads: int) -> dict:
+def candidates(model: GPT, heads: int, kv_heads: int, device: torch.device) -> dict:
     named = list(model.named_parameters())
     params = [p for _, p in named]
     made = {
         "AdamW fused": ("adamw", lambda: torch.optim.AdamW(params, lr=1e-4, fused=True)),
         "AdamW foreach": ("adamw", lambda: torch.optim.AdamW(params, lr=1e-4, foreach=True)),
+        "adam_mini_tx AdamMini native": ("adam_mini", lambda: AdamMini(
+            named, lr=1e-4, n_heads=heads, n_kv_heads=kv_heads, nonfinite="apply", native=True)),
+        "adam_mini_tx AdamMini native (nonfinite=skip)": ("adam_mini_checked", lambda: AdamMini(
+            named, lr=1e-4, n_heads=heads, n_kv_heads=kv_heads, native=True)),
         "adam_mini_tx AdamMini eager": ("adam_mini", lambda: AdamMini(
-            named, lr=1e-4, n_heads=heads, n_kv_heads=kv_heads, nonfinite="apply")),
+            named, lr=1e-4, n_heads=heads, n_kv_heads=kv_heads, nonfinite="apply",
+            native=False)),
         "adam_mini_tx AdamMini fused": ("adam_mini", lambda: AdamMini(
             named, lr=1e-4, n_heads=heads, n_kv_heads=kv_heads, nonfinite="apply", fused=True)),
-        "adam_mini_tx AdamMini fused (nonfinite=skip)": ("adam_mini", lambda: AdamMini(
+        "adam_mini_tx AdamMini fused (nonfinite=skip)": ("adam_mini_checked", lambda: AdamMini(
             named, lr=1e-4, n_heads=heads, n_kv_heads=kv_heads, fused=True)),
     }
+    if device.type == "cpu":
+        try:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            made["DeepSpeedCPUAdam"] = ("adamw", lambda: DeepSpeedCPUAdam(params, lr=1e-4))
+        except Exception as error:  # not installed, or its extension does not build
+            warnings.warn(f"DeepSpeedCPUAdam is not compared: {error}")
     try:
         import adam_mini
 
@@ -142,7 +154,7 @@ def bench_size(size: str, rounds: int, warmup: int, device: torch.device) -> dic
     heads, kv = model.config.n_heads, model.config.n_kv_heads
     n_params = sum(p.numel() for p in model.parameters())
     grads = [torch.randn_like(p) for p in model.parameters()]
-    opts = candidates(model, heads, kv)
+    opts = candidates(model, heads, kv, device)
     times = {name: [] for name in opts}
     bandwidth = stream_bandwidth(device)
     for round_ in range(warmup + rounds):

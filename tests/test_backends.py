@@ -70,18 +70,24 @@ class _nothing:
 
 def test_backends_are_chosen_in_one_place():
     from adam_mini_tx.distributed import flat_partition
-    from adam_mini_tx.optim.backends import CompiledBackend, EagerBackend, FlatBackend
+    from adam_mini_tx.optim.backends import (Backends, CompiledBackend, EagerBackend,
+                                             FlatBackend, KernelBackend)
     model = TinyLlama(layers=1)
-    members = [Member(n, p, p, {}) for n, p in model.named_parameters()]
+    layouts = amx.plan_blocks(list(model.named_parameters()), **HEADS).layouts()
+    members = [Member(n, p, p, {"m": p, "v": p}) for n, p in model.named_parameters()]
     eager, compiled, flat = EagerBackend(), CompiledBackend(), FlatBackend()
-    assert assign(members, False, eager, compiled, flat) == [(eager, members)]
-    assert assign(members, True, eager, compiled, flat) == [(compiled, members)]
+    native = KernelBackend(lambda members, scalars: None)
+    without, with_native = (Backends(eager, compiled, flat, kernel) for kernel in (None, native))
+    assert assign(members, False, without, layouts) == [(eager, members)]
+    assert assign(members, False, with_native, layouts) == [(native, members)]
+    assert assign(members, True, with_native, layouts) == [(compiled, members)]
     partition = Member("flat", torch.zeros(4), torch.zeros(4), {},
                        flat_partition("flat", [], [], None))  # DeepSpeed's flat partition
-    assert assign([*members, partition], True, eager, compiled, flat) == [
+    assert assign([*members, partition], True, without, layouts) == [
         (flat, [partition]), (compiled, members)]
     widened = frozenset({"norm.weight"})
-    pairs = assign(members, True, eager, compiled, flat, widened)
-    assert pairs[0] == (compiled, [m for m in members if m.name != "norm.weight"])
-    assert isinstance(pairs[1][0], EagerBackend) and pairs[1][0] is not eager
-    assert [m.name for m in pairs[1][1]] == ["norm.weight"]
+    for backends, chosen in ((without, compiled), (with_native, native)):
+        pairs = assign(members, backends is without, backends, layouts, widened)
+        assert pairs[0] == (chosen, [m for m in members if m.name != "norm.weight"])
+        assert isinstance(pairs[1][0], EagerBackend) and pairs[1][0] is not eager
+        assert [m.name for m in pairs[1][1]] == ["norm.weight"]

@@ -133,7 +133,7 @@ def test_eager_step_over_row_pieces_equals_the_functional_core_bit_for_bit(monke
     params = initial_params(model)
     grads_seq = gradient_sequence(params, 5)
     hyper = dict(lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
-    opt = amx.AdamMini(model.named_parameters(), **hyper, **HEADS)
+    opt = amx.AdamMini(model.named_parameters(), **hyper, **HEADS, native=False)
     embedding = model.embed_tokens.weight
     embedding.grad = torch.zeros_like(embedding)
     slots = {"step": torch.tensor(0), "m": torch.zeros(48, 32), "v": torch.zeros(48)}
@@ -194,7 +194,8 @@ def test_eager_check_reads_the_statistics_the_chain_then_takes():
     model = TinyLlama()
     params = initial_params(model)
     grads_seq = gradient_sequence(params, 3)
-    opt = amx.AdamMini(model.named_parameters(), lr=3e-3, weight_decay=0.1, **HEADS)
+    opt = amx.AdamMini(model.named_parameters(), lr=3e-3, weight_decay=0.1, **HEADS,
+                       native=False)
     # one norm per tensor whose blocks are not single elements (rows, heads, whole norms)
     reduced = [name for name, p in model.named_parameters()
                if opt.plan[name].layout.row_dims < p.dim()]
@@ -223,6 +224,7 @@ def test_given_statistics_equal_the_chains_own_over_pieces(monkeypatch, dtype, s
     models = [TinyLlama().to(dtype) for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
     opts = [amx.AdamMini(m.named_parameters(), lr=3e-3, weight_decay=0.1, nonfinite=policy,
+                         native=False,
                          state_dtype=state_dtype, **HEADS)
             for m, policy in zip(models, ("skip", "apply"))]
     grads_seq = gradient_sequence(initial_params(models[0]), 3)

@@ -17,7 +17,12 @@ In fp32, with ``t`` the step count of the call and ``c1 = 1 - b1**t``, ``c2 = 1 
 ``m`` is stored in its own dtype, or as bf16 / int8 (see :mod:`adam_mini_tx.core.lowbits`):
 rounded to nearest, or stochastically with ``u_i = ((i * 10368889 + noise_key) & 0xFFFFFF) /
 2**24`` for flat element index ``i`` (:func:`~adam_mini_tx.core.lowbits.noise_key`); the update
-uses the unrounded fp32 ``m_i``. A bf16 parameter gets ``p_i + bf16(-lr u_i)`` rounded to bf16.
+uses the unrounded fp32 ``m_i`` (``reads_stored_m=False``); a state ``m`` (fp32, or bf16
+state) is read back as stored. A bf16 parameter gets ``p_i + bf16(-lr u_i)`` rounded to bf16.
+A bf16 ``v`` (bf16 state) follows the chain's bf16 arithmetic, one rounding per operation:
+``d_b = bf16(bf16(bf16(sqrt(v_b)) / bf16(sqrt(c2))) + eps)`` and ``u_i = bf16(m_i / c1)``,
+``bf16(u_i / d_b)``, ``bf16(u_i + wd p_i)``, ``bf16(-lr u_i)``, ``p_i + u_i`` (``c1`` in bf16 for a
+bf16 state ``m``).
 """
 from __future__ import annotations
 
@@ -52,6 +57,7 @@ def step_scalars(lr: float, beta1: float, beta2: float, eps: float, eps_root: fl
 class KernelMember(NamedTuple):
     """One parameter's tensors and geometry for a kernel (written in place: p, m, m_scale, v)."""
 
+    name: str
     param: torch.Tensor
     grad: torch.Tensor
     m: torch.Tensor  # the parameter's shape: fp32, bf16, or int8 codes
@@ -63,6 +69,8 @@ class KernelMember(NamedTuple):
     columns: bool
     decay: bool
     noise_key: int | None  # None: round m to nearest (or m is not low-precision)
+    reads_stored_m: bool = True  # m is a state tensor: the update reads it back as stored;
+    # False: a low-precision format, whose update uses the unrounded fp32 m
 
 
 def geometry(layout: BlockLayout) -> tuple[tuple[tuple[int, int], ...], int, bool] | None:

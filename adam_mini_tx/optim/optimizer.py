@@ -17,7 +17,8 @@ from torch import nn
 
 from ..core.guards import check_policy
 from ..planning import BlockPlan, plan_blocks, warn_fallbacks
-from .backends import CompiledBackend, EagerBackend, FlatBackend, assign, row_sums
+from ..kernels import native
+from .backends import assign, backends_for, check_native, row_sums
 from .groups import (named_group, named_groups, reject_duplicates, reject_sharded_low_precision,
                      resolve_plan)
 from .hyperparams import Hyper, read_hyperparameters
@@ -47,6 +48,9 @@ class AdamMini(torch.optim.Optimizer):
     ``momentum_format``: how ``m`` is stored, ``"float32"``, ``"bfloat16"`` or ``"int8"``
     (blockwise, one fp32 scale per 256 elements of a row), rounded stochastically unless
     ``stochastic_rounding=False``, from ``momentum_seed``; None (default): ``state_dtype``.
+    ``native``: run CPU parameters through the single-pass C++ kernel
+    (:mod:`adam_mini_tx.kernels.native`, built on first use); None (default): where it loads,
+    else the eager step (logged once, and shown in ``repr``); True: require it; False: never.
     """
 
     def __init__(self, params: Iterable[Any], lr: float | torch.Tensor = 1e-3,
@@ -56,10 +60,12 @@ class AdamMini(torch.optim.Optimizer):
                  n_kv_heads: int | None = None, state_dtype: torch.dtype | None = None,
                  decay_mask: str = "matrices", eps_root: float = 0.0, nonfinite: str = "skip",
                  fused: bool = False, momentum_format: str | None = None,
-                 stochastic_rounding: bool = True, momentum_seed: int = 0):
+                 stochastic_rounding: bool = True, momentum_seed: int = 0,
+                 native: bool | None = None):
         self.nonfinite = check_policy(nonfinite)
         if not isinstance(fused, bool):
             raise TypeError(f"fused must be True or False, got {fused!r}")
+        check_native(native, fused)
         if state_dtype is not None and not (isinstance(state_dtype, torch.dtype)
                                             and state_dtype.is_floating_point):
             raise TypeError(f"state_dtype must be a floating torch.dtype such as torch.float32, "
@@ -83,7 +89,8 @@ class AdamMini(torch.optim.Optimizer):
         mro = type(self).__mro__
         warn_fallbacks(self.plan, stacklevel=2 + sum("__init__" in vars(cls)  # the user's line
                                                      for cls in mro[:mro.index(AdamMini)]))
-        self._backends = (EagerBackend(), CompiledBackend(), FlatBackend())
+        self.native = native
+        self._backends = backends_for(native, fused, self._named_params())
         self._layout_cache: tuple[BlockPlan | None, dict] = (None, {})
 
     @torch.no_grad()
@@ -129,19 +136,33 @@ class AdamMini(torch.optim.Optimizer):
               widened: frozenset[str] = frozenset()) -> list[list[tuple[Any, Any]]]:
         """Per group, ``(backend, work)`` for its members (the backends chosen by ``assign``)."""
         return [[(backend, backend.prepare(chosen, layouts, hyper))
-                 for backend, chosen in assign(members, self.fused, *self._backends, widened)]
+                 for backend, chosen in assign(members, self.fused, self._backends, layouts,
+                                               widened)]
                 for members, hyper in zip(groups, hypers)]
 
     @property
     def compile_seconds(self) -> float:
         """Seconds the fused step has spent compiling so far (0.0 when ``fused=False``)."""
-        return self._backends[1].compile_seconds
+        return self._backends.compiled.compile_seconds
 
     @property
     def scratch_bytes(self) -> int:
         """Bytes kept between steps besides the state: the eager step's workspace (one chunk's
         temporaries) and the fused step's per-row statistics buffers."""
-        return sum(backend.scratch_bytes for backend in self._backends)
+        return sum(backend.scratch_bytes for backend in self._backends if backend is not None)
+
+    @property
+    def step_kind(self) -> str:
+        """Which step runs the plain CPU tensors: ``"fused (compiled)"``, ``"native (single-pass
+        C++ kernel)"`` or ``"eager"`` (with the reason when the native kernel is not used)."""
+        if self.fused:
+            return "fused (compiled)"
+        if self._backends.native is not None:
+            return "native (single-pass C++ kernel)"
+        return "eager" if self.native is False else f"eager (native kernel {native.status()})"
+
+    def __repr__(self) -> str:
+        return f"{super().__repr__()}\nStep: {self.step_kind}"
 
     def _layouts(self) -> dict:
         """``name -> BlockLayout`` of the current plan (recomputed only when the plan changes)."""
@@ -200,13 +221,16 @@ class AdamMini(torch.optim.Optimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         return {**super().__getstate__(), "plan": self.plan, "state_dtype": self.state_dtype,
-                "_plan_kwargs": self._plan_kwargs, "nonfinite": self.nonfinite, "fused": self.fused}
+                "_plan_kwargs": self._plan_kwargs, "nonfinite": self.nonfinite, "fused": self.fused,
+                "native": self.native}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("fused", False)
         self.__dict__.setdefault("_names_by_id", {})
-        self.__dict__.setdefault("_backends", (EagerBackend(), CompiledBackend(), FlatBackend()))
+        self.__dict__.setdefault("native", None)
+        self.__dict__.setdefault("_backends",
+                                 backends_for(self.native, self.fused, self._named_params()))
         self.__dict__.setdefault("_originals", dict(self._named_params()))
         self.__dict__.setdefault("_layout_cache", (None, {}))
         for group in self.param_groups:  # checkpoints from before the count existed

@@ -16,16 +16,18 @@ arguments and keeping between steps only caches (compiled functions, scratch mem
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Mapping, NamedTuple, Protocol, Sequence
 
 import torch
 
 from ...core.blocks import BlockLayout, is_dtensor
+from ...kernels import native
 from ..hyperparams import Hyper
 from ..members import Member
 from .compiled import CompiledBackend
 from .eager import EagerBackend
 from .flat import FlatBackend
+from .kernel import KernelBackend, supports
 
 RowSums = dict[str, torch.Tensor]
 
@@ -40,22 +42,62 @@ class Backend(Protocol):
               written: list[Member]) -> None: ...
 
 
-def assign(members: Sequence[Member], fused: bool, eager: EagerBackend,
-           compiled: CompiledBackend, flat: FlatBackend, widened: frozenset[str] = frozenset()
+class Backends(NamedTuple):
+    """An optimizer's backends (``native``: the kernel backend, None when it is off or did not
+    load)."""
+
+    eager: EagerBackend
+    compiled: CompiledBackend
+    flat: FlatBackend
+    native: KernelBackend | None
+
+
+def assign(members: Sequence[Member], fused: bool, backends: Backends,
+           layouts: Mapping[str, BlockLayout], widened: frozenset[str] = frozenset()
            ) -> list[tuple[Backend, list[Member]]]:
     """``(backend, members)`` pairs for one group: flat partitions (DeepSpeed ZeRO) to the flat
-    backend; the compiled backend for plain tensors when ``fused``, else (and for DTensors,
-    whose sharded statistics need collectives that compiled rounds do not make) the eager one.
-    Members whose statistics were widened to float64 this step (a rare repair) run eagerly
-    too, in a backend of their own that keeps nothing."""
+    backend; plain tensors to the compiled backend when ``fused``, else to the native kernel
+    where it can take them (:func:`~.kernel.supports`); the rest (DTensors, whose sharded
+    statistics need collectives) to the eager one. Members whose statistics were widened to
+    float64 this step (a rare repair) run eagerly too, in a backend of their own that keeps
+    nothing."""
     partitions = [m for m in members if m.partition is not None]
     repaired = [m for m in members if m.name in widened]
     members = [m for m in members if m.name not in widened and m.partition is None]
-    rest = [m for m in members if not fused or is_dtensor(m.param)]
     fast = [m for m in members if fused and not is_dtensor(m.param)]
+    native = [m for m in members if not fused and backends.native is not None
+              and supports(m, layouts[m.name])]
+    taken = {m.name for m in fast + native}
+    rest = [m for m in members if m.name not in taken]
     return [(backend, chosen) for backend, chosen in
-            ((flat, partitions), (compiled, fast), (eager, rest), (EagerBackend(), repaired))
-            if chosen]
+            ((backends.flat, partitions), (backends.compiled, fast), (backends.native, native),
+             (backends.eager, rest), (EagerBackend(), repaired)) if chosen]
+
+
+def check_native(native: bool | None, fused: bool) -> None:
+    """``native`` is None, True or False, and not True together with ``fused``."""
+    if native is not None and not isinstance(native, bool):
+        raise TypeError(f"native must be None, True or False, got {native!r}")
+    if native and fused:
+        raise ValueError("fused=True and native=True are two different steps: choose one "
+                         "(native=None uses the native kernel unless fused=True)")
+
+
+def backends_for(native_choice: bool | None, fused: bool,
+                 named: Sequence[tuple[str, torch.Tensor]]) -> Backends:
+    """An optimizer's backends; the native kernel is loaded (built on a machine's first use)
+    unless ``native_choice`` is False, ``fused`` is set, or no parameter is on the CPU.
+    ``native_choice=True`` raises a RuntimeError when it cannot load."""
+    kernel = None
+    on_cpu = any(param.device.type == "cpu" for _, param in named)
+    if native_choice is not False and not fused and on_cpu:
+        if native.load():
+            kernel = KernelBackend(native.step_, native.row_sums_)
+        elif native_choice:
+            raise RuntimeError(f"native=True, but the native CPU step is {native.status()}: "
+                               f"pass native=None to fall back to the eager step")
+    return Backends(EagerBackend(), CompiledBackend(),
+                    FlatBackend(None if kernel is None else kernel.step), kernel)
 
 
 def row_sums(work: Sequence[Sequence[tuple[Backend, Any]]]
@@ -70,5 +112,5 @@ def row_sums(work: Sequence[Sequence[tuple[Backend, Any]]]
     return sums, flags
 
 
-__all__ = ["Backend", "RowSums", "assign", "row_sums", "EagerBackend", "CompiledBackend",
-           "FlatBackend"]
+__all__ = ["Backend", "Backends", "RowSums", "assign", "backends_for", "check_native", "row_sums", "EagerBackend",
+           "CompiledBackend", "FlatBackend", "KernelBackend"]

@@ -73,10 +73,7 @@ class EagerBackend:
         return EagerWork(list(members), chunks(pieces), piece_layouts, layouts)
 
     def row_sums(self, work: EagerWork) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
-        sums = {member.name: work.whole[member.name].row_sums_of_squares(
-                    member.grad, member.state["v"].dtype)
-                for member in work.members if not is_dtensor(member.grad)}
-        return sums, ([all_finite(sums)] if sums else [])
+        return member_row_sums(work.members, work.whole)
 
     def apply(self, work: EagerWork, hyper: Hyper, sums: Mapping[str, torch.Tensor] | None,
               written: list[Member]) -> None:
@@ -92,6 +89,16 @@ class EagerBackend:
                 piece.param.add_(to_dtype(updates[piece.name], piece.param.dtype))
             written.extend(piece.member for piece in chunk
                            if piece.rows is None or piece.rows.stop == piece.member.param.shape[0])
+
+def member_row_sums(members: Sequence[Member], layouts: Mapping[str, BlockLayout]
+                    ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+    """The statistics pass over plain-tensor ``members`` (DTensors are left to the caller):
+    row sums of squares by name, in at least ``v``'s dtype, and one all-finite flag."""
+    sums = {member.name: layouts[member.name].row_sums_of_squares(
+                member.grad, member.state["v"].dtype)
+            for member in members if not is_dtensor(member.grad)}
+    return sums, ([all_finite(sums)] if sums else [])
+
 
 def row_pieces(member: Member, layout: BlockLayout,
                cache: dict[tuple[BlockLayout, int], BlockLayout] | None = None
@@ -169,4 +176,4 @@ def chunks(pieces: list[Piece]) -> list[list[Piece]]:
     return packed
 
 
-__all__ = ["CHUNK_ELEMENTS", "EagerBackend", "Piece", "row_pieces", "chunks"]
+__all__ = ["CHUNK_ELEMENTS", "EagerBackend", "Piece", "member_row_sums", "row_pieces", "chunks"]

@@ -7,7 +7,9 @@ the partition's group over its pieces and all-reduces them over the ranks (one c
 on the pieces (views of the partition, its gradient, ``m`` and ``v``) with the row sums that make
 every piece's block statistic the whole block's (``FlatPartition.piece_row_sums``), in place
 (donated), in calls of at most ``PIECE_ELEMENTS`` elements (one chunk's temporaries), with each
-piece's weight decay decided by its parameter's name and shape.
+piece's weight decay decided by its parameter's name and shape. Where the native kernel is
+loaded and takes every piece (CPU tensors: ZeRO-Offload), one kernel call steps all of a
+partition's pieces instead, with the same row sums.
 """
 from __future__ import annotations
 
@@ -22,7 +24,9 @@ from ...distributed.flat import PIECE_ELEMENTS
 from ...functional.alias import DECAY_MASKS
 from ..hyperparams import Hyper, chain_for
 from ..members import Member
+from ...kernels.spec import KernelMember, geometry, step_scalars
 from ..state import chain_step
+from .kernel import StepKernel, takes
 
 
 class FlatWork(NamedTuple):
@@ -31,10 +35,13 @@ class FlatWork(NamedTuple):
 
 
 class FlatBackend:
-    """See the module docstring; keeps one :class:`Workspace` (one chunk's temporaries)."""
+    """See the module docstring; keeps one :class:`Workspace` (one chunk's temporaries).
+    ``kernel``: a single-pass step kernel (:mod:`adam_mini_tx.kernels`) that steps a partition's
+    pieces in one call when it takes all of them; None: the chain alone."""
 
-    def __init__(self) -> None:
+    def __init__(self, kernel: StepKernel | None = None) -> None:
         self.workspace = Workspace()
+        self.kernel = kernel
 
     @property
     def scratch_bytes(self) -> int:
@@ -58,11 +65,22 @@ class FlatBackend:
             partition = member.partition
             labels = {piece.name: mask(piece.param_name, torch.empty(
                 work.shapes[piece.param_name], device="meta")) for piece in partition.pieces}
-            tx = chain_for(hyper, {piece.name: piece.layout for piece in partition.pieces},
-                           lambda name, tensor: labels[name])
             params, grads = partition.views(member.param), partition.views(member.grad)
             m, v = partition.views(member.state["m"]), partition.v_views(member.state["v"])
             given = partition.piece_row_sums(sums[member.name])
+            layouts = {piece.name: piece.layout for piece in partition.pieces}
+            if self.kernel is not None and all(
+                    takes(params[n], grads[n], m[n], v[n], layouts[n]) for n in params):
+                count = int(member.state["step"]) + 1
+                self.kernel([KernelMember(n, params[n], grads[n], m[n], None, v[n],
+                                          given[n].contiguous(), *geometry(layouts[n]),
+                                          hyper.weight_decay != 0 and labels[n] == "decay", None)
+                             for n in params],
+                            step_scalars(hyper.lr, hyper.beta1, hyper.beta2, hyper.eps,
+                                         hyper.eps_root, hyper.weight_decay, count))
+                written.append(member)
+                continue
+            tx = chain_for(hyper, layouts, lambda name, tensor: labels[name])
             for chunk in _chunks(list(params), {n: p.numel() for n, p in params.items()}):
                 slots = {name: {"step": member.state["step"], "m": m[name], "v": v[name]}
                          for name in chunk}

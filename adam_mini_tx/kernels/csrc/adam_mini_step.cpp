@@ -1,0 +1,509 @@
+// The single-pass Adam-mini step on the CPU: adam_mini_tx/kernels/spec.py states the math.
+//
+// Every parameter is cut into tiles of whole blocks (about kTileElements elements: a tile's p, g
+// and m stay in the core's L2 cache). A tile is read from memory once: pass A sums g*g per block
+// (skipped when the statistics pass gave row sums), v is updated, and pass B updates m and p
+// over the same addresses while they are still in cache. Tiles of all parameters are shared out
+// among the intra-op threads.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+using c10::BFloat16;
+
+constexpr int64_t kTileElements = 1 << 16;
+constexpr int64_t kGroup = 256;            // int8: most elements per scale, along the last axis
+constexpr uint32_t kGolden = 10368889u;    // the Weyl step of the rounding noise (lowbits.py)
+
+// Meta columns, one row per member (native.py writes them).
+enum Meta : int64_t {
+  kMode, kRowNumel, kLast, kDecay, kNoiseKey, kReadsStored, kRunsBegin, kRunsEnd, kMetaColumns
+};
+enum Mode : int64_t { kRows = 0, kColumns = 1, kElementwise = 2 };
+
+struct Scalars {
+  float w1;           // 1 - b1
+  float b2;
+  double one_minus_b2;
+  float eps;
+  float eps_root_c2;  // eps_root * (1 - b2**t)
+  float root_c2;      // sqrt(1 - b2**t)
+  float lr_over_c1;   // lr / (1 - b1**t)
+  // a bf16 v (see BlockRule<BFloat16>): the chain's scalars as it rounds them
+  float wd_bf16, neg_lr, root_c2_bf16, eps_root_c2_bf16;  // ATen's bf16 add rounds its alpha
+};
+
+struct Element {  // one member's constants of the element update
+  float lr_wd;    // lr * wd where the member is decayed, else 0
+  float c1;       // 1 - b1**t in the dtype the chain divides m in (bf16 for a bf16 state m)
+  bool reread;    // the update reads m back from storage (a state m); else the fp32 value (a
+                  // low-precision format)
+  int64_t key;    // stochastic rounding key; -1: to nearest
+};
+
+inline float load(float x) { return x; }
+inline float load(BFloat16 x) { return static_cast<float>(x); }
+
+inline uint32_t noise_bits(int64_t index, int64_t key) {  // 24 random bits of element `index`
+  return (static_cast<uint32_t>(index) * kGolden + static_cast<uint32_t>(key)) & 0xFFFFFFu;
+}
+
+inline BFloat16 to_bf16(float x, int64_t index, int64_t key) {
+  if (key < 0 || !std::isfinite(x)) return BFloat16(x);  // to nearest (even)
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  bits = (bits + (noise_bits(index, key) >> 8)) & 0xFFFF0000u;
+  return BFloat16(static_cast<uint16_t>(bits >> 16), BFloat16::from_bits());
+}
+
+inline void store(float& out, float x, int64_t, int64_t) { out = x; }
+inline void store(BFloat16& out, float x, int64_t index, int64_t key) {
+  out = to_bf16(x, index, key);
+}
+
+inline float bf16(float x) { return static_cast<float>(BFloat16(x)); }  // rounded to nearest
+
+// How a block's v and its elements' p are updated, by the dtype V of v (the state's dtype).
+// fp32 v: one value per block, step = lr / (c1 d), and p <- p - (step m + lr wd p), rounded once
+// (a bf16 parameter adds the bf16-rounded update).
+template <typename V>
+struct BlockRule {
+  static float block(V& v, double mean, const Scalars& s) {
+    const float value = load(v) * s.b2 + static_cast<float>(mean * s.one_minus_b2);
+    store(v, value, 0, -1);
+    const float denominator = std::sqrt(load(v) + s.eps_root_c2) / s.root_c2 + s.eps;
+    return s.lr_over_c1 / denominator;
+  }
+  template <typename P>
+  static void param(P& out, float p, float m, float step, const Scalars&, const Element& e) {
+    const float update = -(step * m + e.lr_wd * p);
+    if constexpr (std::is_same_v<P, BFloat16>) {
+      out = BFloat16(p + bf16(update));
+    } else {
+      out = p + update;
+    }
+  }
+};
+
+// bf16 v (bf16 state): the chain computes in bf16, one rounding per operation; so does this.
+// block: d = bf16(bf16(bf16(sqrt(v)) / sqrt(c2)) + eps); an element: u = bf16(m / c1),
+// bf16(u / d), bf16(u + bf16(wd) p), bf16(-lr u), and p + u in p's dtype.
+template <>
+struct BlockRule<BFloat16> {
+  static float block(BFloat16& v, double mean, const Scalars& s) {
+    const float fresh = bf16(static_cast<float>(mean * s.one_minus_b2));
+    const float value = bf16(bf16(load(v) * s.b2) + fresh);
+    v = BFloat16(value);
+    const float shifted = s.eps_root_c2_bf16 != 0.f ? bf16(value + s.eps_root_c2_bf16) : value;
+    return bf16(bf16(bf16(std::sqrt(shifted)) / s.root_c2_bf16) + s.eps);
+  }
+  template <typename P>
+  static void param(P& out, float p, float m, float denominator, const Scalars& s,
+                    const Element& e) {
+    float u = bf16(m / e.c1);
+    u = bf16(u / denominator);
+    if (e.lr_wd != 0.f) u = bf16(u + s.wd_bf16 * p);
+    u = bf16(u * s.neg_lr);
+    out = P(p + u);
+  }
+};
+
+template <typename T>
+double sum_of_squares(const T* x, int64_t n) {
+  double total = 0.0;
+  for (int64_t begin = 0; begin < n; begin += 1024) {
+    const int64_t end = std::min(n, begin + 1024);
+    float partial = 0.f;
+#pragma omp simd reduction(+ : partial)
+    for (int64_t i = begin; i < end; ++i) {
+      const float value = load(x[i]);
+      partial += value * value;
+    }
+    total += partial;
+  }
+  return total;
+}
+
+// One span of elements [0, n) of a float or bf16 m; `step` (BlockRule's block value) is per
+// element when kPerElement.
+template <bool kPerElement, typename V, typename P, typename M>
+void update_span(P* p, const P* g, M* m, int64_t n, int64_t index0, const float* step,
+                 const Scalars& s, const Element& e) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const float old = load(m[i]);
+    const float value = std::fma(s.w1, load(g[i]) - old, old);  // ATen's lerp
+    store(m[i], value, index0 + i, e.key);
+    BlockRule<V>::param(p[i], load(p[i]), e.reread ? load(m[i]) : value,
+                        kPerElement ? step[i] : step[0], s, e);
+  }
+}
+
+// One int8 group [0, n): codes and its scale read, updated, requantized (blockwise absmax).
+template <bool kPerElement, typename V, typename P>
+void update_span(P* p, const P* g, int8_t* codes, float* scale, int64_t n, int64_t index0,
+                 const float* step, const Scalars& s, const Element& e) {
+  float values[kGroup];
+  const float old_scale = *scale;
+  float absmax = 0.f;
+  bool nan = false;
+  for (int64_t i = 0; i < n; ++i) {
+    const float old = static_cast<float>(codes[i]) * old_scale;
+    const float value = std::fma(s.w1, load(g[i]) - old, old);  // ATen's lerp
+    values[i] = value;
+    nan |= std::isnan(value);
+    absmax = std::max(absmax, std::fabs(value));
+    BlockRule<V>::param(p[i], load(p[i]), value, kPerElement ? step[i] : step[0], s, e);
+  }
+  const float new_scale = nan ? NAN : absmax / 127.f;
+  const float divisor = new_scale > 0.f ? new_scale : 1.f;
+  for (int64_t i = 0; i < n; ++i) {
+    float scaled = values[i] / divisor;
+    scaled = e.key < 0 ? std::nearbyint(scaled)
+                       : std::floor(scaled + noise_bits(index0 + i, e.key) * (1.f / 16777216.f));
+    codes[i] = nan ? 0 : static_cast<int8_t>(std::min(127.f, std::max(-127.f, scaled)));
+  }
+  *scale = new_scale;
+}
+
+struct Member {
+  void* p;
+  const void* g;
+  void* m;
+  float* scales;  // int8 only
+  void* v;
+  const void* row_sums;  // nullptr: pass A computes the sums
+  bool sums_double;
+  int64_t mode, row_numel, last, group, numel;
+  Element element;
+  std::vector<std::pair<int64_t, int64_t>> runs;  // (rows per block, blocks)
+};
+
+struct Tile {
+  int64_t member, run, in_run, block, row, end_row;  // from block `in_run` of run `run` (the
+};                                                    // member's block `block`): rows [row, end_row)
+
+template <typename T>
+double row_sum(const Member& mb, int64_t r) {
+  return static_cast<const T*>(mb.row_sums)[r];
+}
+double given_sum(const Member& mb, int64_t row, int64_t rows) {
+  double total = 0.0;
+  for (int64_t r = row; r < row + rows; ++r)
+    total += mb.sums_double ? row_sum<double>(mb, r) : row_sum<float>(mb, r);
+  return total;
+}
+
+// Tiles of whole blocks. Rows: a row is row_numel contiguous elements; columns: a column of an
+// (in, out) tensor; elementwise: one element. An int8 m also keeps its groups whole.
+void cut(const Member& mb, int64_t index, std::vector<Tile>& tiles) {
+  const int64_t per_row = mb.mode == kElementwise ? 1 : mb.row_numel;
+  const bool grouped = mb.scales != nullptr && mb.mode != kRows;  // rows hold whole groups
+  int64_t row = 0, block = 0;
+  Tile open{index, 0, 0, 0, 0, 0};
+  for (int64_t run = 0; run < static_cast<int64_t>(mb.runs.size()); ++run) {
+    const auto [length, count] = mb.runs[run];
+    for (int64_t b = 0; b < count; ++b) {
+      row += length;
+      ++block;
+      const bool aligned = !grouped || (row % mb.last) % mb.group == 0 || row % mb.last == 0;
+      if ((row - open.row) * per_row >= kTileElements && aligned) {
+        open.end_row = row;
+        tiles.push_back(open);
+        open = {index, b + 1 < count ? run : run + 1, b + 1 < count ? b + 1 : 0, block, row, 0};
+      }
+    }
+  }
+  open.end_row = row;
+  if (row > open.row) tiles.push_back(open);
+}
+
+// Calls visit(row, length, block) for every block of the tile, in order.
+template <typename Visit>
+void for_each_block(const Member& mb, const Tile& tile, Visit&& visit) {
+  int64_t row = tile.row, block = tile.block, in_run = tile.in_run;
+  for (int64_t run = tile.run; run < static_cast<int64_t>(mb.runs.size()); ++run, in_run = 0) {
+    const auto [length, count] = mb.runs[run];
+    for (int64_t b = in_run; b < count; ++b, row += length, ++block) {
+      if (row >= tile.end_row) return;
+      visit(row, length, block);
+    }
+  }
+}
+
+// Rows: per block, pass A (or the given sums), v, then pass B over its rows.
+template <typename P, typename M, typename V>
+void rows_tile(const Member& mb, const Tile& tile, const Scalars& s) {
+  P* p = static_cast<P*>(mb.p);
+  const P* g = static_cast<const P*>(mb.g);
+  M* m = static_cast<M*>(mb.m);
+  V* v = static_cast<V*>(mb.v);
+  const int64_t groups = (mb.last + mb.group - 1) / mb.group;
+  for_each_block(mb, tile, [&](int64_t row, int64_t length, int64_t block) {
+    const int64_t begin = row * mb.row_numel, n = length * mb.row_numel;
+    const double sum = mb.row_sums ? given_sum(mb, row, length) : sum_of_squares(g + begin, n);
+    const float step = BlockRule<V>::block(v[block], sum / static_cast<double>(n), s);
+    if constexpr (std::is_same_v<M, int8_t>) {  // whole lines of the last axis, group by group
+      for (int64_t line = begin; line < begin + n; line += mb.last) {
+        for (int64_t within = 0; within < mb.last; within += mb.group) {
+          const int64_t at = line + within;
+          update_span<false, V>(p + at, g + at, m + at,
+                             mb.scales + (line / mb.last) * groups + within / mb.group,
+                             std::min(mb.group, mb.last - within), at, &step, s, mb.element);
+        }
+      }
+    } else {
+      update_span<false, V>(p + begin, g + begin, m + begin, n, begin, &step, s, mb.element);
+    }
+  });
+}
+
+// Spans of a per-element `steps` row: elements [begin, begin + n) of one line of the last axis.
+template <typename P, typename M, typename V>
+void update_line(const Member& mb, int64_t begin, int64_t n, const float* steps,
+                 const Scalars& s) {
+  P* p = static_cast<P*>(mb.p) + begin;
+  const P* g = static_cast<const P*>(mb.g) + begin;
+  M* m = static_cast<M*>(mb.m) + begin;
+  if constexpr (std::is_same_v<M, int8_t>) {
+    const int64_t groups = (mb.last + mb.group - 1) / mb.group;
+    for (int64_t done = 0; done < n;) {
+      const int64_t at = begin + done, within = at % mb.last;
+      const int64_t size = std::min({mb.group - within % mb.group, mb.last - within, n - done});
+      update_span<true, V>(p + done, g + done, m + done,
+                        mb.scales + (at / mb.last) * groups + within / mb.group, size, at,
+                        steps + done, s, mb.element);
+      done += size;
+    }
+  } else {
+    update_span<true, V>(p, g, m, n, begin, steps, s, mb.element);
+  }
+}
+
+// Columns of a contiguous (in, out) tensor: column sums over the tile's columns, then the rows.
+template <typename P, typename M, typename V>
+void columns_tile(const Member& mb, const Tile& tile, const Scalars& s) {
+  const P* g = static_cast<const P*>(mb.g);
+  V* v = static_cast<V*>(mb.v);
+  const int64_t out = mb.last, in = mb.row_numel, width = tile.end_row - tile.row;
+  std::vector<double> sums(width, 0.0);
+  if (mb.row_sums) {
+    for (int64_t c = 0; c < width; ++c) sums[c] = given_sum(mb, tile.row + c, 1);
+  } else {
+    std::vector<float> partial(width);
+    for (int64_t i0 = 0; i0 < in; i0 += 256) {
+      std::fill(partial.begin(), partial.end(), 0.f);
+      for (int64_t i = i0; i < std::min(in, i0 + 256); ++i) {
+        const P* line = g + i * out + tile.row;
+#pragma omp simd
+        for (int64_t c = 0; c < width; ++c) partial[c] += load(line[c]) * load(line[c]);
+      }
+      for (int64_t c = 0; c < width; ++c) sums[c] += partial[c];
+    }
+  }
+  std::vector<float> steps(width);
+  for_each_block(mb, tile, [&](int64_t row, int64_t length, int64_t block) {
+    double sum = 0.0;
+    for (int64_t c = row; c < row + length; ++c) sum += sums[c - tile.row];
+    const float step = BlockRule<V>::block(v[block], sum / static_cast<double>(length * in), s);
+    std::fill(steps.begin() + (row - tile.row), steps.begin() + (row - tile.row + length), step);
+  });
+  for (int64_t i = 0; i < in; ++i)
+    update_line<P, M, V>(mb, i * out + tile.row, width, steps.data(), s);
+}
+
+// Elementwise blocks (plain Adam): v and the step per element.
+template <typename P, typename M, typename V>
+void elementwise_tile(const Member& mb, const Tile& tile, const Scalars& s) {
+  const P* g = static_cast<const P*>(mb.g);
+  V* v = static_cast<V*>(mb.v);
+  const int64_t n = tile.end_row - tile.row;
+  std::vector<float> steps(n);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t at = tile.row + i;
+    const double square = mb.row_sums ? given_sum(mb, at, 1)
+                                      : static_cast<double>(load(g[at])) * load(g[at]);
+    steps[i] = BlockRule<V>::block(v[at], square, s);
+  }
+  for (int64_t done = 0; done < n;) {  // lines of the last axis (an int8 m's groups lie in them)
+    const int64_t at = tile.row + done;
+    const int64_t size = std::min(n - done, mb.last - at % mb.last);
+    update_line<P, M, V>(mb, at, size, steps.data() + done, s);
+    done += size;
+  }
+}
+
+template <typename P, typename M, typename V>
+void run_tile(const Member& mb, const Tile& tile, const Scalars& s) {
+  switch (mb.mode) {
+    case kRows: return rows_tile<P, M, V>(mb, tile, s);
+    case kColumns: return columns_tile<P, M, V>(mb, tile, s);
+    default: return elementwise_tile<P, M, V>(mb, tile, s);
+  }
+}
+
+using TileFn = void (*)(const Member&, const Tile&, const Scalars&);
+
+template <typename P, typename M>
+TileFn pick_v(at::ScalarType v) {
+  return v == at::kBFloat16 ? run_tile<P, M, BFloat16> : run_tile<P, M, float>;
+}
+template <typename P>
+TileFn pick_m(at::ScalarType m, at::ScalarType v) {
+  if (m == at::kChar) return pick_v<P, int8_t>(v);
+  return m == at::kBFloat16 ? pick_v<P, BFloat16>(v) : pick_v<P, float>(v);
+}
+TileFn pick(at::ScalarType p, at::ScalarType m, at::ScalarType v) {
+  return p == at::kBFloat16 ? pick_m<BFloat16>(m, v) : pick_m<float>(m, v);
+}
+
+void check(bool ok, const char* what) { TORCH_CHECK(ok, "adam_mini_tx native step: ", what); }
+
+Member geometry_of(const at::Tensor& grad, const int64_t* row, const int64_t* pairs) {
+  Member mb{};
+  mb.g = grad.data_ptr();
+  mb.mode = row[kMode];
+  mb.row_numel = row[kRowNumel];
+  mb.last = std::max<int64_t>(row[kLast], 1);
+  const int64_t groups = (mb.last + kGroup - 1) / kGroup;
+  mb.group = (mb.last + groups - 1) / groups;
+  mb.numel = grad.numel();
+  for (int64_t r = row[kRunsBegin]; r < row[kRunsEnd]; ++r)
+    mb.runs.emplace_back(pairs[2 * r], pairs[2 * r + 1]);
+  return mb;
+}
+
+void step_(at::TensorList params, at::TensorList grads, at::TensorList moments,
+           at::TensorList scales, at::TensorList seconds, at::TensorList row_sums,
+           const at::Tensor& meta, const at::Tensor& runs, at::ArrayRef<double> scalars) {
+  const int64_t count = static_cast<int64_t>(params.size());
+  check(grads.size() == params.size() && moments.size() == params.size() &&
+            scales.size() == params.size() && seconds.size() == params.size() &&
+            row_sums.size() == params.size(), "one entry per member in every list");
+  check(meta.scalar_type() == at::kLong && meta.is_contiguous() && meta.dim() == 2 &&
+            meta.size(0) == count && meta.size(1) == kMetaColumns, "meta is (members, 8) int64");
+  check(runs.scalar_type() == at::kLong && runs.is_contiguous(), "runs are int64 pairs");
+  check(scalars.size() == 8, "8 scalars: lr, b1, b2, eps, eps_root, wd, c1, c2");
+  const double lr = scalars[0], b1 = scalars[1], b2 = scalars[2], eps = scalars[3];
+  const double eps_root = scalars[4], wd = scalars[5], c1 = scalars[6], c2 = scalars[7];
+  const float c1_f = static_cast<float>(c1), root_c2 = static_cast<float>(std::sqrt(c2));
+  const Scalars s{static_cast<float>(1.0 - b1), static_cast<float>(b2), 1.0 - b2,
+                  static_cast<float>(eps), static_cast<float>(eps_root * c2), root_c2,
+                  static_cast<float>(lr / c1), bf16(static_cast<float>(wd)), static_cast<float>(-lr),
+                  bf16(root_c2),
+                  bf16(static_cast<float>(eps_root) * bf16(static_cast<float>(c2)))};
+  const int64_t* table = meta.data_ptr<int64_t>();
+  const int64_t* pairs = runs.data_ptr<int64_t>();
+  std::vector<Member> members(count);
+  std::vector<TileFn> functions(count);
+  std::vector<Tile> tiles;
+  for (int64_t k = 0; k < count; ++k) {
+    const int64_t* row = table + k * kMetaColumns;
+    const at::Tensor &p = params[k], &g = grads[k], &m = moments[k], &v = seconds[k];
+    check(p.device().is_cpu() && p.is_contiguous() && g.is_contiguous() && m.is_contiguous() &&
+              v.is_contiguous(), "CPU tensors, contiguous");
+    check(g.scalar_type() == p.scalar_type() && g.numel() == p.numel() &&
+              m.numel() == p.numel(), "grad and m like the parameter");
+    Member& mb = members[k] = geometry_of(g, row, pairs);
+    mb.p = p.data_ptr();
+    mb.m = m.data_ptr();
+    mb.scales = m.scalar_type() == at::kChar ? scales[k].data_ptr<float>() : nullptr;
+    mb.v = v.data_ptr();
+    mb.row_sums = row_sums[k].numel() ? row_sums[k].data_ptr() : nullptr;
+    mb.sums_double = row_sums[k].scalar_type() == at::kDouble;
+    const bool reread = row[kReadsStored] != 0;
+    mb.element = {row[kDecay] ? static_cast<float>(lr * wd) : 0.f,
+                  reread && m.scalar_type() == at::kBFloat16 ? bf16(c1_f) : c1_f, reread,
+                  row[kNoiseKey]};
+    functions[k] = pick(p.scalar_type(), m.scalar_type(), v.scalar_type());
+    cut(mb, k, tiles);
+  }
+  at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const Tile& tile = tiles[t];
+      functions[tile.member](members[tile.member], tile, s);
+    }
+  });
+}
+
+// Row sums of squares of one tile: rows (row_numel contiguous elements), columns, or elements.
+template <typename P>
+void sums_tile(const Member& mb, const Tile& tile, float* out) {
+  const P* g = static_cast<const P*>(mb.g);
+  const int64_t rows = tile.end_row - tile.row;
+  if (mb.mode == kColumns) {
+    const int64_t in = mb.row_numel, width = rows;
+    std::vector<double> sums(width, 0.0);
+    std::vector<float> partial(width);
+    for (int64_t i0 = 0; i0 < in; i0 += 256) {
+      std::fill(partial.begin(), partial.end(), 0.f);
+      for (int64_t i = i0; i < std::min(in, i0 + 256); ++i) {
+        const P* line = g + i * mb.last + tile.row;
+#pragma omp simd
+        for (int64_t c = 0; c < width; ++c) partial[c] += load(line[c]) * load(line[c]);
+      }
+      for (int64_t c = 0; c < width; ++c) sums[c] += partial[c];
+    }
+    for (int64_t c = 0; c < width; ++c) out[tile.row + c] = static_cast<float>(sums[c]);
+    return;
+  }
+  const int64_t per_row = mb.mode == kElementwise ? 1 : mb.row_numel;
+  for (int64_t r = tile.row; r < tile.end_row; ++r)
+    out[r] = static_cast<float>(sum_of_squares(g + r * per_row, per_row));
+}
+
+// The statistics pass: every member's row sums of squares (fp32, accumulated in double) into
+// `out` (one contiguous fp32 tensor per member, a value per row); true when all are finite.
+bool row_sums_(at::TensorList grads, at::TensorList out, const at::Tensor& meta,
+               const at::Tensor& runs) {
+  const int64_t count = static_cast<int64_t>(grads.size());
+  check(out.size() == grads.size(), "one output per gradient");
+  check(meta.scalar_type() == at::kLong && meta.is_contiguous() && meta.dim() == 2 &&
+            meta.size(0) == count && meta.size(1) == kMetaColumns, "meta is (members, 8) int64");
+  std::vector<Member> members;
+  std::vector<Tile> tiles;
+  members.reserve(count);
+  for (int64_t k = 0; k < count; ++k) {
+    check(grads[k].device().is_cpu() && grads[k].is_contiguous() &&
+              (grads[k].scalar_type() == at::kFloat || grads[k].scalar_type() == at::kBFloat16),
+          "contiguous fp32 or bf16 CPU gradients");
+    check(out[k].scalar_type() == at::kFloat && out[k].is_contiguous(), "fp32 outputs");
+    members.push_back(geometry_of(grads[k], meta.data_ptr<int64_t>() + k * kMetaColumns,
+                                  runs.data_ptr<int64_t>()));
+    cut(members.back(), k, tiles);
+  }
+  std::vector<char> finite(tiles.size(), 1);
+  at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const Tile& tile = tiles[t];
+      float* sums = out[tile.member].data_ptr<float>();
+      if (grads[tile.member].scalar_type() == at::kBFloat16)
+        sums_tile<BFloat16>(members[tile.member], tile, sums);
+      else
+        sums_tile<float>(members[tile.member], tile, sums);
+      for (int64_t r = tile.row; r < tile.end_row; ++r) finite[t] &= std::isfinite(sums[r]);
+    }
+  });
+  return std::all_of(finite.begin(), finite.end(), [](char ok) { return ok != 0; });
+}
+
+}  // namespace
+
+TORCH_LIBRARY(adam_mini_tx, library) {
+  library.def(
+      "step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] moments, Tensor(c!)[] scales, "
+      "Tensor(d!)[] seconds, Tensor[] row_sums, Tensor meta, Tensor runs, float[] scalars) -> ()");
+  library.impl("step_", c10::DispatchKey::CPU, TORCH_FN(step_));
+  library.def("row_sums_(Tensor[] grads, Tensor(a!)[] out, Tensor meta, Tensor runs) -> bool");
+  library.impl("row_sums_", c10::DispatchKey::CPU, TORCH_FN(row_sums_));
+}

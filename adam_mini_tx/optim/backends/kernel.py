@@ -1,0 +1,114 @@
+"""The kernel backend: a single-pass step kernel (:mod:`adam_mini_tx.kernels`) behind the
+backend signature.
+
+``apply`` hands every member to the kernel as a :class:`~adam_mini_tx.kernels.spec.KernelMember`
+(its tensors, block geometry, decay label and rounding key), one kernel call per step count; the
+kernel reads each gradient once, taking the block statistics from ``sums`` when the statistics
+pass made them. :func:`supports` says which members a kernel can take; the others stay with
+the eager backend (:func:`~adam_mini_tx.optim.backends.assign`).
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Callable, Mapping, NamedTuple, Sequence
+
+import torch
+
+from ...core.blocks import BlockLayout, is_dtensor
+from ...functional.alias import DECAY_MASKS
+from ...functional.moments import LOW_PRECISION
+from ...kernels.native import mode_of
+from ...kernels.spec import KernelMember, StepScalars, geometry, member_noise_key, step_scalars
+from ..hyperparams import Hyper
+from ..members import Member
+from .eager import member_row_sums
+
+StepKernel = Callable[[Sequence[KernelMember], StepScalars], None]
+SumsKernel = Callable[[Sequence[KernelMember]], tuple[list[torch.Tensor], bool]]
+FLOATS = (torch.float32, torch.bfloat16)
+
+
+class KernelWork(NamedTuple):
+    members: list[Member]
+    by_count: dict[int, list[KernelMember]]  # the step count after this step -> its members
+    layouts: Mapping[str, BlockLayout]
+
+
+def supports(member: Member, layout: BlockLayout, device_type: str = "cpu") -> bool:
+    """Whether a kernel on ``device_type`` can step ``member``: a plain tensor that
+    :func:`takes` (flat partitions have their own backend)."""
+    return (member.partition is None and not is_dtensor(member.param)
+            and takes(member.param, member.grad, member.state["m"], member.state["v"], layout,
+                      device_type))
+
+
+def takes(param: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor,
+          layout: BlockLayout, device_type: str = "cpu") -> bool:
+    """Whether a kernel on ``device_type`` can step these tensors: contiguous there, ``param``
+    fp32 or bf16 and ``grad`` alike, ``m`` in fp32, bf16 or int8, ``v`` in fp32 or bf16, and a
+    layout :func:`~adam_mini_tx.kernels.spec.geometry` accepts (an int8 ``m`` also needs each
+    block to hold whole rows of the last axis)."""
+    found = geometry(layout)
+    if found is None or any(t.device.type != device_type or not t.is_contiguous()
+                            for t in (param, grad, m, v)):
+        return False
+    if param.dtype not in FLOATS or grad.dtype != param.dtype or v.dtype not in FLOATS:
+        return False
+    if m.dtype == torch.int8:
+        runs, row_numel, columns = found
+        last = param.shape[-1] if param.dim() else 1
+        return mode_of(columns, runs, row_numel) != "rows" or row_numel % last == 0
+    return m.dtype in FLOATS
+
+
+class KernelBackend:
+    """See the module docstring. ``step`` is a kernel like :func:`adam_mini_tx.kernels.native.step_`;
+    ``row_sums``, its statistics pass like :func:`~adam_mini_tx.kernels.native.row_sums_` (None:
+    torch's, :func:`~.eager.member_row_sums`). Keeps nothing between steps."""
+
+    scratch_bytes = 0
+
+    def __init__(self, step: StepKernel, row_sums: SumsKernel | None = None) -> None:
+        self.step, self.sums = step, row_sums
+
+    def prepare(self, members: Sequence[Member], layouts: Mapping[str, BlockLayout],
+                hyper: Hyper) -> KernelWork:
+        by_count: dict[int, list[KernelMember]] = defaultdict(list)
+        for member in members:
+            count = int(member.state["step"]) + 1
+            by_count[count].append(_kernel_member(member, layouts[member.name], hyper, count))
+        return KernelWork(list(members), dict(by_count), layouts)
+
+    def row_sums(self, work: KernelWork) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+        if self.sums is None:
+            return member_row_sums(work.members, work.layouts)
+        kernel_members = [m for members in work.by_count.values() for m in members]
+        sums, finite = self.sums(kernel_members)
+        return ({m.name: row.view(work.layouts[m.name].row_shape)
+                 for m, row in zip(kernel_members, sums)}, [torch.tensor(finite)])
+
+    def apply(self, work: KernelWork, hyper: Hyper, sums: Mapping[str, torch.Tensor] | None,
+              written: list[Member]) -> None:
+        for count, members in work.by_count.items():
+            scalars = step_scalars(hyper.lr, hyper.beta1, hyper.beta2, hyper.eps,
+                                   hyper.eps_root, hyper.weight_decay, count)
+            if sums is not None:
+                members = [m._replace(row_sums=sums.get(m.name)) for m in members]
+            self.step(members, scalars)
+        written.extend(work.members)
+
+
+def _kernel_member(member: Member, layout: BlockLayout, hyper: Hyper, count: int
+                   ) -> KernelMember:
+    runs, row_numel, columns = geometry(layout)
+    low = hyper.momentum_format in LOW_PRECISION
+    decay = (hyper.weight_decay != 0
+             and DECAY_MASKS[hyper.decay_mask](member.name, member.param) == "decay")
+    return KernelMember(
+        member.name, member.param, member.grad, member.state["m"], member.state.get("m_scale"),
+        member.state["v"], None, runs, row_numel, columns, decay,
+        member_noise_key(hyper.seed, count, member.name) if low and hyper.stochastic_rounding
+        else None, not low)
+
+
+__all__ = ["KernelBackend", "KernelWork", "StepKernel", "supports", "takes"]
