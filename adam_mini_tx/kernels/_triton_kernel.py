@@ -52,17 +52,36 @@ def _blocks(v, rows, denom, block_rows, block0, block1, max_len, row_numel, beta
         block = b + tl.arange(0, NB)
         live = block < block1
         first = tl.load(block_rows + block, mask=live, other=0)
-        end = tl.load(block_rows + block + 1, mask=live, other=0)
+        end = tl.load(block_rows + block + 1, mask=live, other=1)  # no 0 / 0 in dead lanes
         total = tl.zeros([NB], dtype=tl.float32)
         for k in range(0, max_len):
             total += tl.load(rows + first + k, mask=live & (first + k < end), other=0.0)
         numel = ((end - first) * row_numel).to(tl.float32)
         old = tl.load(v + block, mask=live, other=0.0)
         new = old.to(tl.float32) * beta2 + tl.div_rn(total, numel) * one_minus_beta2
-        tl.store(v + block, new.to(old.dtype), mask=live)
+        tl.store(v + block, _stored(new, old.dtype), mask=live)
         d = tl.div_rn(tl.sqrt_rn(new + eps_root * c2), sqrt_c2) + eps
         for k in range(0, max_len):
             tl.store(denom + first + k, d, mask=live & (first + k < end))
+
+
+@triton.jit
+def _bf16_rounded(x, carry):
+    """fp32 ``x`` rounded to bf16 (returned as fp32) by adding ``carry`` below bf16's last bit
+    and truncating: ``0x7FFF`` plus that bit rounds to nearest-even, 16 random bits round
+    stochastically. Non-finite values keep their bits. (Explicit: Triton's interpreter
+    truncates in ``.to(tl.bfloat16)``.)"""
+    word = (x.to(tl.int32, bitcast=True) + carry) & -65536
+    return tl.where(tl.abs(x) < float("inf"), word.to(tl.float32, bitcast=True), x)
+
+
+@triton.jit
+def _stored(x, dtype: tl.constexpr):
+    """fp32 ``x`` in ``dtype`` (fp32 or bf16), to nearest."""
+    if dtype == tl.bfloat16:
+        word = x.to(tl.int32, bitcast=True)
+        x = _bf16_rounded(x, 0x7FFF + ((word >> 16) & 1))
+    return x.to(dtype)
 
 
 @triton.jit
@@ -114,9 +133,8 @@ def _update(p, g, m, scale, denom, segment0, segments, row_numel, last, count,
         if DECAY:
             u = u + weight_decay * param
         step = u * neg_lr
-        if old_p.dtype != tl.float32:
-            step = step.to(old_p.dtype).to(tl.float32)
-        tl.store(p + offs, (param + step).to(old_p.dtype), mask=mask)
+        step = _stored(step, old_p.dtype).to(tl.float32)
+        tl.store(p + offs, _stored(param + step, old_p.dtype), mask=mask)
         if STOCHASTIC:
             bits = (offs * _GOLDEN + noise_key) & 0xFFFFFF
         if INT8:
@@ -129,13 +147,11 @@ def _update(p, g, m, scale, denom, segment0, segments, row_numel, last, count,
             scaled = tl.minimum(tl.maximum(scaled, -127.0), 127.0)
             tl.store(m + offs, scaled.to(tl.int8), mask=mask)
             tl.store(scale + group, top, mask=seg < segments)
-        elif STOCHASTIC:  # bf16: 16 random bits added below bf16's last bit, then truncated
-            word = mom.to(tl.int32, bitcast=True)
-            word = (word + (bits >> 8).to(tl.int32)) & -65536
-            rounded = tl.where(tl.abs(mom) < float("inf"), word.to(tl.float32, bitcast=True), mom)
-            tl.store(m + offs, rounded.to(codes.dtype), mask=mask)
+        elif STOCHASTIC:  # bf16
+            tl.store(m + offs, _bf16_rounded(mom, (bits >> 8).to(tl.int32)).to(tl.bfloat16),
+                     mask=mask)
         else:
-            tl.store(m + offs, mom.to(codes.dtype), mask=mask)
+            tl.store(m + offs, _stored(mom, codes.dtype), mask=mask)
 
 
 @triton.jit

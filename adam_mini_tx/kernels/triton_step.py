@@ -24,7 +24,9 @@ from ..core.lowbits import group_count
 from .spec import KernelMember, StepScalars
 from .tiles import tiling_on
 
+_FLOATS = (torch.float32, torch.bfloat16)
 _ROUNDED = (torch.bfloat16, torch.int8)  # m formats that can be rounded stochastically
+_M = _FLOATS + (torch.int8,)
 
 
 def unavailable_reason() -> str | None:
@@ -107,8 +109,9 @@ def _check(member: KernelMember) -> None:
         problems.append("every tensor must be contiguous and on the parameter's device")
     if member.grad.shape != p.shape or member.m.shape != p.shape:
         problems.append("grad and m must have the parameter's shape")
-    if not p.is_floating_point() or not member.v.is_floating_point():
-        problems.append("param and v must be floating point")
+    if p.dtype not in _FLOATS or member.v.dtype not in _FLOATS or member.m.dtype not in _M:
+        problems.append(f"param and v must be fp32 or bf16, m fp32, bf16 or int8 (got "
+                        f"{p.dtype}, {member.v.dtype}, {member.m.dtype})")
     if rows * member.row_numel != p.numel() or member.v.numel() != sum(c for _, c in member.runs):
         problems.append(f"runs {member.runs} x row_numel {member.row_numel} do not cover shape "
                         f"{tuple(p.shape)} with v of {member.v.numel()} blocks")
