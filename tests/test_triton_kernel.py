@@ -12,6 +12,7 @@ import adam_mini_tx as amx
 from adam_mini_tx.core import blocks
 from adam_mini_tx.functional.alias import adam_mini_slots
 from adam_mini_tx.kernels.spec import KernelMember, geometry, member_noise_key, step_scalars
+from adam_mini_tx.kernels import tiles
 from adam_mini_tx.kernels.tiles import segments, tiling
 
 if not torch.cuda.is_available():
@@ -79,6 +80,11 @@ def run_both(momentum_format: str, stochastic: bool, dtype: torch.dtype):
         yield count, mine, slots, params, state
 
 
+def key_of(name: str, int8: bool) -> tuple:
+    """The :func:`tiling` arguments of parameter ``name``."""
+    return (LAYOUTS[name].shape, *geometry(LAYOUTS[name]), int8)
+
+
 def assert_fp32_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
     """Within 1e-6 relative (of the element, or of the tensor's largest for elements near 0)."""
     scale = expected.abs().max().item() if expected.numel() else 0.0
@@ -86,10 +92,34 @@ def assert_fp32_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -
         f"{what}: {m}"))
 
 
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Tiles of ~200 elements and loop iterations of <= 64: every tensor is cut into several
+    tiles, and every loop of a program runs several times."""
+    monkeypatch.setattr(tiles, "TARGET", 200)
+    monkeypatch.setattr(triton_step, "CHUNK", 64)
+    for cached in (tiles.tiling, tiles.tiling_on):
+        cached.cache_clear()
+    yield
+    for cached in (tiles.tiling, tiles.tiling_on):
+        cached.cache_clear()
+
+
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_kernel_equals_the_chain_at_every_step(fmt, dtype):
+    check_against_chain(fmt, dtype)
+
+
+@needs_triton
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_kernel_equals_the_chain_with_many_tiles_per_tensor(fmt, small_tiles):
+    check_against_chain(fmt, torch.float32)
+    assert tiling(*key_of("rows", fmt == "int8")).tiles.shape[0] > 1
+
+
+def check_against_chain(fmt: str, dtype: torch.dtype) -> None:
     momentum_format, stochastic = FORMATS[fmt]
     for count, mine, slots, params, state in run_both(momentum_format, stochastic, dtype):
         for name in LAYOUTS:
@@ -111,11 +141,11 @@ def test_kernel_equals_the_chain_at_every_step(fmt, dtype):
 
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("int8", [False, True])
-def test_tiles_hold_whole_blocks_and_whole_segments(name, int8):
+def test_tiles_hold_whole_blocks_and_whole_segments(name, int8, small_tiles):
     """Tiles partition the rows, the blocks and the segments, and start where a block starts."""
     layout = LAYOUTS[name]
     runs, row_numel, columns = geometry(layout)
-    t = tiling(layout.shape, runs, row_numel, columns, int8)
+    t = tiling(*key_of(name, int8))
     row0, row1, block0, block1, seg0, nseg, max_len = t.tiles.T
     assert row0[0] == 0 and row1[-1] == layout.num_rows and torch.equal(row0[1:], row1[:-1])
     assert block0[0] == 0 and block1[-1] == layout.num_blocks

@@ -27,6 +27,8 @@ from .tiles import tiling_on
 _FLOATS = (torch.float32, torch.bfloat16)
 _ROUNDED = (torch.bfloat16, torch.int8)  # m formats that can be rounded stochastically
 _M = _FLOATS + (torch.int8,)
+CHUNK = 4096
+"""Elements one loop iteration of a program loads at most (when a tile has that many)."""
 
 
 def unavailable_reason() -> str | None:
@@ -75,10 +77,10 @@ def _launch(member: KernelMember, lr: float, one_minus_beta1: float, beta2: floa
     stochastic = member.noise_key is not None and member.m.dtype in _ROUNDED
     if member.columns:
         rb = min(_pow2(tiling.max_rows), 64)
-        eb = min(_pow2(member.row_numel), max(1, 4096 // rb))
+        eb = min(_pow2(member.row_numel), max(1, CHUNK // rb))
     else:
         eb = min(_pow2(member.row_numel), 1024)
-        rb = min(_pow2(tiling.max_rows), max(1, 4096 // eb))
+        rb = min(_pow2(tiling.max_rows), max(1, CHUNK // eb))
     sp = _pow2(seg.size)
     _kernel()[(tiling.tiles.shape[0],)](
         p, member.grad, member.m, member.m_scale if int8 else member.v, member.v, rows, denom,
@@ -88,7 +90,7 @@ def _launch(member: KernelMember, lr: float, one_minus_beta1: float, beta2: floa
         COLUMNS=member.columns, INT8=int8, STOCHASTIC=stochastic, DECAY=member.decay,
         GIVEN_SUMS=member.row_sums is not None, RB=rb, EB=eb,
         NB=min(_pow2(tiling.max_blocks), 1024),
-        NG=min(_pow2(tiling.max_segments), max(1, 4096 // sp)), SP=sp)
+        NG=min(_pow2(tiling.max_segments), max(1, CHUNK // sp)), SP=sp)
 
 
 def _num_rows(member: KernelMember) -> int:
