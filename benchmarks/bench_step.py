@@ -47,10 +47,6 @@ def candidates(model: GPT, heads: int, kv_heads: int, device: torch.device) -> d
     made = {
         "AdamW fused": ("adamw", lambda: torch.optim.AdamW(params, lr=1e-4, fused=True)),
         "AdamW foreach": ("adamw", lambda: torch.optim.AdamW(params, lr=1e-4, foreach=True)),
-        "adam_mini_tx AdamMini native": ("adam_mini", lambda: AdamMini(
-            named, lr=1e-4, n_heads=heads, n_kv_heads=kv_heads, nonfinite="apply", native=True)),
-        "adam_mini_tx AdamMini native (nonfinite=skip)": ("adam_mini_checked", lambda: AdamMini(
-            named, lr=1e-4, n_heads=heads, n_kv_heads=kv_heads, native=True)),
         "adam_mini_tx AdamMini eager": ("adam_mini", lambda: AdamMini(
             named, lr=1e-4, n_heads=heads, n_kv_heads=kv_heads, nonfinite="apply",
             native=False)),
@@ -59,7 +55,12 @@ def candidates(model: GPT, heads: int, kv_heads: int, device: torch.device) -> d
         "adam_mini_tx AdamMini fused (nonfinite=skip)": ("adam_mini_checked", lambda: AdamMini(
             named, lr=1e-4, n_heads=heads, n_kv_heads=kv_heads, fused=True)),
     }
-    if device.type == "cpu":
+    if device.type == "cpu":  # the native kernel and DeepSpeed's CPU Adam run on the CPU only
+        made["adam_mini_tx AdamMini native"] = ("adam_mini", lambda: AdamMini(
+            named, lr=1e-4, n_heads=heads, n_kv_heads=kv_heads, nonfinite="apply", native=True))
+        made["adam_mini_tx AdamMini native (nonfinite=skip)"] = (
+            "adam_mini_checked", lambda: AdamMini(named, lr=1e-4, n_heads=heads,
+                                                  n_kv_heads=kv_heads, native=True))
         try:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
@@ -142,6 +143,24 @@ def allocated_during_step(opt: torch.optim.Optimizer, device: torch.device) -> t
     return float(total), float(peak)
 
 
+def interleaved_step_times(opts: dict, params: list, grads: list, rounds: int, warmup: int,
+                           device: torch.device) -> dict[str, list[float]]:
+    """Seconds of each ``opts[name][1].step()``, the candidates interleaved round by round, the
+    gradients ``grads`` assigned before each step; the first ``warmup`` rounds are not kept."""
+    times = {name: [] for name in opts}
+    for round_ in range(warmup + rounds):
+        for name, (_, opt) in opts.items():
+            for p, g in zip(params, grads):
+                p.grad = g
+            synchronize(device)
+            start = time.perf_counter()
+            opt.step()
+            synchronize(device)
+            if round_ >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
 def llama_model(size: str) -> GPT:
     """The benchmark's Llama-shaped model of ``size`` (a key of :data:`SIZES`), seeded."""
     vocab, dim, layers, heads, kv, hidden = SIZES[size]
@@ -155,18 +174,8 @@ def bench_size(size: str, rounds: int, warmup: int, device: torch.device) -> dic
     n_params = sum(p.numel() for p in model.parameters())
     grads = [torch.randn_like(p) for p in model.parameters()]
     opts = candidates(model, heads, kv, device)
-    times = {name: [] for name in opts}
     bandwidth = stream_bandwidth(device)
-    for round_ in range(warmup + rounds):
-        for name, (_, opt) in opts.items():
-            for p, g in zip(model.parameters(), grads):
-                p.grad = g
-            synchronize(device)
-            start = time.perf_counter()
-            opt.step()
-            synchronize(device)
-            if round_ >= warmup:
-                times[name].append(time.perf_counter() - start)
+    times = interleaved_step_times(opts, list(model.parameters()), grads, rounds, warmup, device)
     bandwidth = max(bandwidth, stream_bandwidth(device))
     adamw = statistics.median(times["AdamW fused"])
     adamw_state = state_bytes(opts["AdamW fused"][1])
