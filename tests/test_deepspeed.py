@@ -2,7 +2,8 @@
 tests/workers/deepspeed_train.py runs every scenario; the tests read its results.
 
 - fp32 ZeRO-1/2/3 (and ZeRO-Offload) after 10 steps equal a single-process AdamMini run to 1e-6,
-  on a GQA model whose partition boundaries cut rows, heads and single-block tensors;
+  on a GQA model whose partition boundaries cut rows, heads and single-block tensors; their
+  partitions step through the native kernel;
 - optimizer state per rank is about half the single-process state;
 - save -> load -> continue is bit-identical to the uninterrupted run;
 - DeepSpeed bf16 runs under every stage; the Adam_mini drop-in and the HF Trainer work too;
@@ -53,6 +54,17 @@ def relative_errors(got, expected) -> dict[str, float]:
     assert got.keys() == expected.keys()
     return {n: ((got[n] - expected[n]).abs().max() / expected[n].abs().max()).item()
             for n in expected}
+
+
+@pytest.mark.parametrize("scenario", ["stage1", "stage2", "stage3", "stage2_offload",
+                                      "stage3_offload"])
+def test_zero_partitions_on_the_cpu_step_through_the_native_kernel(results, scenario):
+    """ZeRO-Offload (and every stage here, all on the CPU): one kernel call per partition and
+    step, with the statistics all-reduced first (their equality to one process is below)."""
+    from adam_mini_tx.kernels import native
+    if not native.load():
+        pytest.skip(f"native kernel: {native.status()}")
+    assert results[scenario]["native_calls"] >= w.STEPS
 
 
 @pytest.mark.parametrize("scenario", ["stage0", *FP32])

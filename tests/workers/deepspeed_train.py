@@ -88,6 +88,11 @@ def engine_for(stage, bf16=False, offload=False, kind="AdamMini"):
                     if entry.partition is not None:
                         cuts.update(piece.name for piece in entry.partition.pieces)
         opt.register_step_pre_hook(record)
+        flat = opt._backends.flat
+        if flat.kernel is not None:  # count the native kernel's calls on flat partitions
+            kernel, opt.native_calls = flat.kernel, []
+            flat.kernel = lambda members, scalars: (opt.native_calls.append(len(members)),
+                                                    kernel(members, scalars))[1]
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt,
                                       config=config(stage, bf16, offload))
     return engine, opt, cuts
@@ -129,7 +134,7 @@ def run(stage, bf16=False, offload=False, kind="AdamMini") -> dict:
     return {"params": full_params(engine), "state_bytes": [g[0] for g in gathered],
             "cuts": [g[1] for g in gathered], "skipped": engine.skipped_steps,
             "steps": sorted({int(slots["step"]) for slots in opt.state.values()}),
-            "partitions": len(opt.state)}
+            "partitions": len(opt.state), "native_calls": len(getattr(opt, "native_calls", []))}
 
 
 def resumed(stage: int) -> dict[str, torch.Tensor]:
