@@ -43,11 +43,13 @@ def read(moment: Any) -> torch.Tensor:
 def write(values: torch.Tensor, moment: Any, in_place: bool, noise_args: tuple | None) -> Any:
     """``values`` (fp32) stored in ``moment``'s format: into ``moment`` itself when
     ``in_place`` (its state was donated), else as a new moment. ``noise_args``: ``(seed,
-    count, salt)`` for stochastic rounding (``salt``: the parameter's, :func:`salt_of` its
-    name), None to round to nearest."""
+    count, salt, index)`` for stochastic rounding (``salt``: the parameter's, :func:`salt_of`
+    its name; ``index``: the flat index of ``values``' first element in the parameter), None to
+    round to nearest."""
     noise = None
     if noise_args is not None:
-        noise = uniform_noise(*noise_args, values)
+        seed, count, salt, index = noise_args
+        noise = uniform_noise(seed, count, salt, values, index)
     if isinstance(moment, QuantizedMoment):
         stored = quantize_int8(values, noise)
         if in_place:

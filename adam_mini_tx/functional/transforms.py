@@ -120,7 +120,9 @@ def momentum(b1: float | torch.Tensor = 0.9, *, nesterov: bool = False,
     parameter's dtype. ``momentum_format`` (``"float32"``, ``"bfloat16"``, ``"int8"``) stores it
     in that format instead: a low-precision ``m`` is read into fp32, updated, and written back
     rounded (stochastically by default, from ``seed``, kept in the state, the step and the
-    parameter: ``update(..., salts={name: salt})`` or the salt of its name; see
+    parameter: ``update(..., salts={name: salt})`` or the salt of its name, and each element's
+    flat index in it; a tensor that is a piece of a parameter, elements ``[offset, offset +
+    numel)`` of it, says so with ``offsets={name: offset}``; see
     :mod:`adam_mini_tx.core.lowbits`); the output is fp32.
     """
     check_number("b1", b1, 0.0, 1.0)
@@ -133,7 +135,8 @@ def momentum(b1: float | torch.Tensor = 0.9, *, nesterov: bool = False,
         return MomentumState(_zero_count(), mu)
 
     @in_place_safe
-    def update(updates, state, params=None, grads=None, *, salts=None, **extra_args):
+    def update(updates, state, params=None, grads=None, *, salts=None, offsets=None,
+               **extra_args):
         check_same_structure(_shapes(state.mu), updates, "updates", "momentum state")
         count = state.count + 1
         if low:  # m read into fp32 (a temporary of ours), updated there, stored rounded
@@ -142,8 +145,9 @@ def momentum(b1: float | torch.Tensor = 0.9, *, nesterov: bool = False,
                 value = read(m)
                 value.lerp_(to_dtype(updates[name], torch.float32), _as_weight(1 - b1, value))
                 salt = salts[name] if salts is not None else salt_of(name)
+                where = (salt, offsets.get(name, 0) if offsets else 0)
                 mu[name] = write(value, m, in_place,
-                                 (state.seed, count, salt) if stochastic_rounding else None)
+                                 (state.seed, count, *where) if stochastic_rounding else None)
                 values[name] = fresh(value)
         else:
             lerp = torch.Tensor.lerp_ if donated() else torch.Tensor.lerp  # donated: in place
