@@ -186,7 +186,7 @@ def _ungrouped(rows: torch.Tensor, shape: torch.Size, start: int = 0,
     """The inverse of :func:`_grouped`."""
     width = shape[-1] if len(shape) else 1
     before = _padding(width, start, last)[1]
-    flat = rows.reshape(*rows.shape[:-2], -1)
+    flat = rows.reshape(*rows.shape[:-2], rows.shape[-2] * rows.shape[-1])
     return flat[..., before:before + width].reshape(shape)
 
 

@@ -19,7 +19,7 @@ from ..core.donation import (donated, empty_temporary, fresh, in_place_or_new, i
                               run_update)
 from ..planning import BlockPlan, check_coverage, plan_blocks
 from ..core.lowbits import salt_of
-from .moments import LOW_PRECISION, check_format, new_moment, read, write
+from .moments import LOW_PRECISION, check_format, check_sharded, new_moment, read, write
 
 PlanLike = Union[BlockPlan, Mapping[str, BlockLayout],
                  Callable[[Mapping[str, torch.Tensor]], Mapping[str, BlockLayout]], None]
@@ -129,6 +129,8 @@ def momentum(b1: float | torch.Tensor = 0.9, *, nesterov: bool = False,
     low = check_format(momentum_format) in LOW_PRECISION
 
     def init(params: Params) -> MomentumState | RoundedMomentumState:
+        if low:
+            check_sharded(params, momentum_format)
         mu = {n: new_moment(p, momentum_format, state_dtype) for n, p in params.items()}
         if low:
             return RoundedMomentumState(_zero_count(), mu, torch.tensor(seed))
