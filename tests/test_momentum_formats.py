@@ -201,8 +201,9 @@ def test_eager_row_pieces_equal_the_whole_tensor_chain_bit_for_bit(fmt, monkeypa
 @pytest.mark.parametrize("fmt", LOW)
 def test_fused_equals_eager_within_rounding(fmt):
     """Eager (row pieces) and fused (whole members) round ``m`` with the same noise: the stored
-    ``m`` (and int8 scales) are equal bit for bit; the parameters differ only by the compiled
-    arithmetic of the update (within 1e-5 relative)."""
+    ``m`` (bf16, int8 codes) is equal bit for bit. The compiled arithmetic differs in the last
+    bits elsewhere: ``v`` (its reductions) and int8 scales (inductor divides by 127 as a
+    multiplication by 1/127) within a few ulps, the parameters within 1e-5 relative."""
     torch.manual_seed(0)
     models = [TinyLlama(layers=3, dim=16, hidden=24, vocab=24) for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
@@ -212,8 +213,11 @@ def test_fused_equals_eager_within_rounding(fmt):
         run(model, opt, 5)
     for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
         assert ((p - q).abs().max() / p.abs().max()).item() < 1e-5, name
-        for key in opts[0].state[p]:
-            assert torch.equal(opts[0].state[p][key], opts[1].state[q][key]), (name, key)
+        eager, fused = opts[0].state[p], opts[1].state[q]
+        assert eager.keys() == fused.keys() and torch.equal(eager["m"], fused["m"]), name
+        for key in ("m_scale", "v"):
+            if key in eager:
+                torch.testing.assert_close(fused[key], eager[key], rtol=5e-7, atol=0)
 
 
 @pytest.mark.parametrize("fmt", LOW)
