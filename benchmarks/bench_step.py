@@ -1,5 +1,8 @@
 """Optimizer-step benchmark: adam_mini_tx vs torch.optim.AdamW vs the official adam-mini 1.1.1.
 
+AdamMini runs with fp32, bf16 and int8 first moments (``momentum_format``), eager and fused;
+torchao's ``AdamW8bit`` joins when torchao is installed.
+
 Only ``optimizer.step()`` is timed, with fixed random gradients assigned before each step. All
 candidates are interleaved round by round in one process and reported as ratios to
 ``AdamW(fused=True)``; each step is also compared with its own memory-bandwidth bound (bytes it
@@ -37,8 +40,11 @@ SIZES = {  # name -> (vocab, dim, layers, heads, kv heads, mlp hidden): Llama-sh
 DEFAULT_SIZES = "25m,36m,125m,350m"
 # bytes an fp32 step must move per parameter: AdamW reads p, g, m, v and writes p, m, v; Adam-mini
 # has no per-element v (reads p, g, m, writes p, m). A step that checks every gradient for NaN/Inf
-# before it writes anything (nonfinite="skip") must read g a second time: 24.
-BYTES_PER_PARAM = {"adamw": 28, "adam_mini": 20, "adam_mini_checked": 24}
+# before it writes anything (nonfinite="skip") must read g a second time: 24. A bf16 m moves
+# 2 + 2 bytes instead of 4 + 4 (16), an int8 m 1 + 1 (14, its scales 4 bytes per 256 elements
+# aside); torchao's AdamW8bit reads and writes 8-bit m and v (16).
+BYTES_PER_PARAM = {"adamw": 28, "adam_mini": 20, "adam_mini_checked": 24, "adam_mini_bf16": 16,
+                   "adam_mini_int8": 14, "adamw8bit": 16}
 
 
 def candidates(model: GPT, heads: int, kv_heads: int, device: torch.device) -> dict:
@@ -67,6 +73,19 @@ def candidates(model: GPT, heads: int, kv_heads: int, device: torch.device) -> d
             made["DeepSpeedCPUAdam"] = ("adamw", lambda: DeepSpeedCPUAdam(params, lr=1e-4))
         except Exception as error:  # not installed, or its extension does not build
             warnings.warn(f"DeepSpeedCPUAdam is not compared: {error}")
+    for fmt, short in (("bfloat16", "bf16"), ("int8", "int8")):
+        for fused in (False, True):
+            step = "fused" if fused else "native" if device.type == "cpu" else "eager"
+            made[f"adam_mini_tx AdamMini {short} m {step}"] = (
+                f"adam_mini_{short}", lambda fmt=fmt, fused=fused: AdamMini(
+                    named, lr=1e-4, n_heads=heads, n_kv_heads=kv_heads, nonfinite="apply",
+                    fused=fused, momentum_format=fmt))
+    try:
+        from torchao.optim import AdamW8bit
+
+        made["torchao AdamW8bit"] = ("adamw8bit", lambda: AdamW8bit(params, lr=1e-4))
+    except ImportError:
+        warnings.warn("torchao is not installed: its AdamW8bit is not compared")
     try:
         import adam_mini
 
@@ -101,8 +120,16 @@ def synchronize(device: torch.device) -> None:
 
 
 def state_bytes(opt: torch.optim.Optimizer) -> int:
-    return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
+    return sum(tensor_bytes(t) for s in opt.state.values() for t in s.values()
                if isinstance(t, torch.Tensor) and t.dim() > 0)
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes of ``t``, or of the tensors inside a tensor subclass (torchao's 8-bit states)."""
+    if type(t) is not torch.Tensor and hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(t, name)) for name in names)
+    return t.numel() * t.element_size()
 
 
 def allocated_during_step(opt: torch.optim.Optimizer, device: torch.device) -> tuple[float, float]:

@@ -13,7 +13,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 
 import adam_mini_tx as amx
@@ -144,6 +144,117 @@ def fsdp_train_and_checkpoint(rank, world, out):
             "placements": placements}
 
 
+LOW_PRECISION_LAYOUTS = {
+    "rows": lambda: blocks.per_row((5, 300)), "heads": lambda: blocks.per_head((6, 4), 3),
+    "norm": lambda: blocks.single_block((1100,)), "wide": lambda: blocks.per_row((3, 1100)),
+    "tiny": lambda: blocks.elementwise((2,)), "experts": lambda: blocks.per_row((3, 5, 4), row_dims=2),
+    "columns": lambda: blocks.per_row((4, 6), transposed=True)}
+
+
+def dtensor_low_precision(rank, world, out):
+    """Functional core on DTensors, bf16 and int8 ``m``: every layout on Shard(0), Shard(1) and
+    Replicate (groups of 220 straddle the shards of the (1100,) and (3, 1100) tensors; the (2,)
+    one leaves a rank empty on 3 ranks). Returns whether each stored ``m`` (codes and scales)
+    equals the unsharded one bit for bit, the worst update error and the scales' placements."""
+    mesh = init_device_mesh("cpu", (world,))
+    torch.manual_seed(1)
+    layouts = {name: make() for name, make in LOW_PRECISION_LAYOUTS.items()}
+    params = {k: torch.randn(l.shape) for k, l in layouts.items()}
+    grads = [{k: torch.randn(l.shape) for k, l in layouts.items()} for _ in range(3)]
+    exact, errors, scale_placements = {}, {}, {}
+    for fmt in ("bfloat16", "int8"):
+        tx = amx.adam_mini(plan=layouts, momentum_format=fmt, **HYPER)
+        state = tx.init(params)
+        expected = []
+        for g in grads:
+            updates, state = tx.update(g, state, params)
+            expected.append(updates)
+        whole = state[0].mu
+        for placement in (Shard(0), Shard(1), Replicate()):
+            for name, layout in layouts.items():
+                if isinstance(placement, Shard) and placement.dim >= len(layout.shape):
+                    continue
+                key = f"{fmt}/{placement}/{name}"
+                p = {name: distribute_tensor(params[name], mesh, [placement])}
+                sub = amx.adam_mini(plan={name: layout}, momentum_format=fmt, **HYPER)
+                sub_state = sub.init(p)
+                worst = 0.0
+                for step, g in enumerate(grads):
+                    g = {name: distribute_tensor(g[name], mesh, [placement])}
+                    updates, sub_state = sub.update(g, sub_state, p)
+                    worst = max(worst, (updates[name].full_tensor()
+                                        - expected[step][name]).abs().max().item())
+                m = sub_state[0].mu[name]
+                if fmt == "int8":
+                    exact[key] = (torch.equal(m.codes.full_tensor(), whole[name].codes)
+                                  and torch.equal(m.scales.full_tensor(), whole[name].scales))
+                    scale_placements[key] = str(m.scales.placements)
+                else:
+                    exact[key] = torch.equal(m.full_tensor(), whole[name])
+                errors[key] = worst
+    return {"exact": exact, "errors": errors, "scale_placements": scale_placements,
+            **low_precision_checks(mesh)}
+
+
+def low_precision_checks(mesh) -> dict[str, str]:
+    """The errors AdamMini raises for a Partial parameter and for an int8 ``m`` loaded as a plain
+    tensor, and the placement of scales loaded replicated (placed back as Shard(0))."""
+    def error_of(action) -> str:
+        try:
+            action()
+        except ValueError as error:
+            return str(error)
+        return ""
+
+    partial = torch.nn.Parameter(DTensor.from_local(torch.ones(4), mesh, [Partial()]))
+    refused = error_of(lambda: amx.AdamMini([("odd.weight", partial)], momentum_format="int8"))
+    sharded = torch.nn.Parameter(distribute_tensor(torch.randn(8, 4), mesh, [Shard(0)]))
+    opt = amx.AdamMini([("mlp.up_proj.weight", sharded)], momentum_format="int8")
+    sharded.grad = distribute_tensor(torch.randn(8, 4), mesh, [Shard(0)])
+    opt.step()
+    saved = opt.state_dict()
+    plain = {**saved, "state": {0: {**saved["state"][0], "m": saved["state"][0]["m"].full_tensor()}}}
+    not_sharded = error_of(lambda: opt.load_state_dict(plain))
+    replicated = saved["state"][0]["m_scale"].redistribute(mesh, [Replicate()])
+    opt.load_state_dict({**saved, "state": {0: {**saved["state"][0], "m_scale": replicated}}})
+    return {"refused": refused, "not_sharded": not_sharded,
+            "reloaded_scales": str(opt.state[sharded]["m_scale"].placements)}
+
+
+LOW_FORMATS = ("float32", "bfloat16", "int8")
+
+
+def fsdp_low_precision(rank, world, out):
+    """FSDP2 with every ``momentum_format``: 10 steps; a DCP checkpoint at step 5 (and the full
+    state there); a fresh 2-rank model and optimizer resumed from it."""
+    mesh = init_device_mesh("cpu", (world,))
+    result = {}
+    for fmt in LOW_FORMATS:
+        model = sharded_model(mesh)
+        opt = make_optimizer(model, momentum_format=fmt)
+        train(model, opt, range(CHECKPOINT_AT))
+        path = os.path.join(out, f"ckpt_{fmt}_{world}ranks")
+        save_checkpoint(model, opt, path)
+        state = full_state(model, opt)
+        train(model, opt, range(CHECKPOINT_AT, STEPS))
+        uninterrupted = full_params(model)
+        resumed = sharded_model(mesh)
+        opt2 = make_optimizer(resumed, fused=True, momentum_format=fmt)
+        load_checkpoint(resumed, opt2, path)
+        train(resumed, opt2, range(CHECKPOINT_AT, STEPS))
+        placements = {name: str(opt.state[p][key].placements) for name, p in
+                      model.named_parameters() for key in ("m", "m_scale") if key in opt.state[p]}
+        result[fmt] = {"uninterrupted": uninterrupted, "resumed": full_params(resumed),
+                       "state": state, "placements": placements}
+    return result
+
+
+def full_state(model, opt) -> dict[str, dict[str, torch.Tensor]]:
+    """Every parameter's optimizer state as whole tensors, by parameter name."""
+    return {name: {k: (v.full_tensor() if isinstance(v, DTensor) else v).clone()
+                   for k, v in opt.state[p].items()} for name, p in model.named_parameters()}
+
+
 def fsdp_reshard_from_two(rank, world, out):
     """Load the 2-rank step-5 checkpoint into this world size and finish the run; also a fresh
     FSDP2 run at this world size."""
@@ -182,7 +293,8 @@ def _ddp_loss(model, step):
 
 
 SCENARIOS = {f.__name__: f for f in (dtensor_layouts, fsdp_train_and_checkpoint,
-                                      fsdp_reshard_from_two, ddp_train)}
+                                      fsdp_reshard_from_two, ddp_train, dtensor_low_precision,
+                                      fsdp_low_precision)}
 
 
 def worker(rank: int, world: int, port: int, out: str, names: list[str]) -> None:
@@ -198,5 +310,5 @@ def worker(rank: int, world: int, port: int, out: str, names: list[str]) -> None
         dist.destroy_process_group()
 
 
-__all__ = ["worker", "make_model", "make_optimizer", "train", "load_checkpoint", "STEPS",
-           "CHECKPOINT_AT"]
+__all__ = ["worker", "make_model", "make_optimizer", "train", "load_checkpoint", "full_state",
+           "STEPS", "CHECKPOINT_AT", "LOW_FORMATS"]

@@ -60,16 +60,36 @@ def noise_key(seed: int | torch.Tensor, count: int | torch.Tensor,
 
 
 def uniform_noise(seed: torch.Tensor, count: torch.Tensor, salt: int | torch.Tensor,
-                  like: torch.Tensor) -> torch.Tensor:
+                  like: torch.Tensor, index: int | torch.Tensor = 0) -> torch.Tensor:
     """fp32 values in ``[0, 1)`` of ``like``'s shape, a function of ``(seed, count, salt,
     index)`` only: ``u_i = frac(i a + k)`` on 24 bits (a Weyl sequence, ``a`` the golden ratio),
     its offset ``k`` = :func:`noise_key` ``(seed, count, salt)``. For a fixed element, ``k``
     makes ``u`` uniform from step to step, which is what
     keeps stochastic rounding unbiased; within a step the values are evenly spread. Three
-    elementwise integer ops per element."""
+    elementwise integer ops per element. ``i`` is the element's flat index in its whole
+    parameter: ``index`` is that of ``like``'s first element (``like`` holds elements
+    ``[index, index + numel)``, e.g. a piece of rows), or an int64 tensor of every element's
+    (:func:`flat_index`, a shard's), so that the bits do not depend on how the parameter is cut."""
     key = noise_key(seed.to(torch.int64), count.to(torch.int64), salt)
-    index = torch.arange(like.numel(), dtype=torch.int64, device=like.device).reshape(like.shape)
+    if not isinstance(index, torch.Tensor):
+        index = torch.arange(index, index + like.numel(), dtype=torch.int64,
+                             device=like.device).reshape(like.shape)
     return ((index * _GOLDEN + key) & 0xFFFFFF).to(torch.float32) * (1.0 / 2**24)
+
+
+def flat_index(shape: tuple[int, ...], origin: tuple[int, ...],
+               full_shape: tuple[int, ...], device: torch.device | None = None) -> torch.Tensor:
+    """The flat indices (int64, ``shape``) in a contiguous tensor of ``full_shape`` of the block
+    ``[origin_k, origin_k + shape_k)`` along every axis ``k``: ``sum_k (j_k + origin_k) s_k``,
+    ``s`` the full tensor's strides."""
+    index = torch.zeros((1,) * len(shape), dtype=torch.int64, device=device)
+    stride = 1
+    for axis in reversed(range(len(shape))):
+        along = torch.arange(origin[axis], origin[axis] + shape[axis], dtype=torch.int64,
+                             device=device) * stride
+        index = index + along.reshape([-1 if k == axis else 1 for k in range(len(shape))])
+        stride *= full_shape[axis]
+    return index.expand(shape) if len(shape) else index.reshape(())
 
 
 def to_bfloat16(x: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
@@ -89,47 +109,87 @@ def group_count(shape: tuple[int, ...]) -> int:
     return max(1, math.ceil(last / GROUP))
 
 
+def group_window(start: int, width: int, last: int) -> slice:
+    """The groups (of a row of ``last`` elements) that its elements ``[start, start + width)``
+    touch: groups of ``ceil(last / group_count)`` elements, the last one zero-padded."""
+    groups = group_count((last,))
+    size = math.ceil(last / groups)
+    if width == 0:
+        return slice(0, 0)
+    stop = groups if start + width >= last else math.ceil((start + width) / size)
+    return slice(start // size, stop)
+
+
 def quantize_int8(x: torch.Tensor, noise: torch.Tensor | None = None) -> QuantizedMoment:
     """``x`` (fp32) as int8 codes and per-group scales; stochastic with ``noise``."""
-    rows = _grouped(x)
-    scales = rows.abs().amax(dim=-1) / 127
+    scales = group_absmax(x) / 127
+    return QuantizedMoment(encode_int8(x, scales, noise), scales.reshape(_scales_shape(x.shape)))
+
+
+def group_absmax(x: torch.Tensor, start: int = 0, last: int | None = None) -> torch.Tensor:
+    """``max |x|`` over each group ``x`` touches, ``(..., groups)``: ``x`` holds the elements
+    ``[start, start + x.shape[-1])`` of rows of ``last`` elements (default: whole rows)."""
+    return _grouped(x, start, last).abs().amax(dim=-1)
+
+
+def encode_int8(x: torch.Tensor, scales: torch.Tensor, noise: torch.Tensor | None = None,
+                start: int = 0, last: int | None = None) -> torch.Tensor:
+    """The int8 codes of ``x`` (elements ``[start, ...)`` of rows of ``last``, as in
+    :func:`group_absmax`) for the ``scales`` of the groups it touches: ``round(x / s)``, or
+    ``floor(x / s + noise)``, clamped to ``[-127, 127]``."""
+    rows = _grouped(x, start, last)
+    scales = scales.reshape(rows.shape[:-1])
     scaled = rows / torch.where(scales > 0, scales, 1.0).unsqueeze(-1)
     if noise is None:
         scaled = scaled.round()
     else:
-        scaled = (scaled + _grouped(noise)).floor()
-    codes = _ungrouped(scaled.clamp(-127, 127), x.shape).to(torch.int8)
-    return QuantizedMoment(codes, scales.reshape(_scales_shape(x.shape)))
+        scaled = (scaled + _grouped(noise, start, last)).floor()
+    return _ungrouped(scaled.clamp(-127, 127), x.shape, start, last).to(torch.int8)
 
 
-def dequantize_int8(moment: QuantizedMoment) -> torch.Tensor:
-    """The fp32 values of an int8 moment."""
-    rows = _grouped(moment.codes.to(torch.float32))
+def dequantize_int8(moment: QuantizedMoment, start: int = 0,
+                    last: int | None = None) -> torch.Tensor:
+    """The fp32 values of an int8 moment (codes of elements ``[start, ...)`` of rows of
+    ``last``, and the scales of the groups they touch)."""
+    rows = _grouped(moment.codes.to(torch.float32), start, last)
     scales = moment.scales.reshape(rows.shape[:-1])
-    return _ungrouped(rows * scales.unsqueeze(-1), moment.codes.shape)
+    return _ungrouped(rows * scales.unsqueeze(-1), moment.codes.shape, start, last)
 
 
 def _scales_shape(shape: torch.Size) -> tuple[int, ...]:
     return (*shape[:-1], group_count(tuple(shape))) if len(shape) else (1,)
 
 
-def _grouped(x: torch.Tensor) -> torch.Tensor:
+def _padding(width: int, start: int, last: int | None) -> tuple[int, int, int]:
+    """``(size, before, after)``: the group size and the zeros that pad elements
+    ``[start, start + width)`` of rows of ``last`` to the whole groups they touch."""
+    last = width if last is None else last
+    window = group_window(start, width, last)
+    size = math.ceil(last / group_count((last,)))
+    if window.start == window.stop:
+        return size, 0, 0
+    before = start - window.start * size
+    return size, before, (window.stop - window.start) * size - before - width
+
+
+def _grouped(x: torch.Tensor, start: int = 0, last: int | None = None) -> torch.Tensor:
     """``x`` as ``(..., groups, group)`` along its last axis, zero-padded to whole groups."""
     x = x.reshape(1) if x.dim() == 0 else x
-    groups = group_count(tuple(x.shape))
-    size = math.ceil(x.shape[-1] / groups)
-    if groups * size != x.shape[-1]:
-        x = F.pad(x, (0, groups * size - x.shape[-1]))
-    return x.reshape(*x.shape[:-1], groups, size)
+    size, before, after = _padding(x.shape[-1], start, last)
+    if before or after:
+        x = F.pad(x, (before, after))
+    return x.reshape(*x.shape[:-1], x.shape[-1] // size, size)
 
 
-def _ungrouped(rows: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+def _ungrouped(rows: torch.Tensor, shape: torch.Size, start: int = 0,
+               last: int | None = None) -> torch.Tensor:
     """The inverse of :func:`_grouped`."""
-    flat = rows.reshape(*rows.shape[:-2], -1)
-    last = shape[-1] if len(shape) else 1
-    return flat[..., :last].reshape(shape)
+    width = shape[-1] if len(shape) else 1
+    before = _padding(width, start, last)[1]
+    flat = rows.reshape(*rows.shape[:-2], rows.shape[-2] * rows.shape[-1])
+    return flat[..., before:before + width].reshape(shape)
 
 
 __all__ = ["FORMATS", "GROUP", "QuantizedMoment", "salt_of", "noise_key", "uniform_noise",
-           "to_bfloat16",
-           "group_count", "quantize_int8", "dequantize_int8"]
+           "flat_index", "to_bfloat16", "group_count", "group_window", "quantize_int8",
+           "group_absmax", "encode_int8", "dequantize_int8"]

@@ -19,7 +19,7 @@ from ..core.donation import (donated, empty_temporary, fresh, in_place_or_new, i
                               run_update)
 from ..planning import BlockPlan, check_coverage, plan_blocks
 from ..core.lowbits import salt_of
-from .moments import LOW_PRECISION, check_format, new_moment, read, write
+from .moments import LOW_PRECISION, check_format, check_sharded, new_moment, read, write
 
 PlanLike = Union[BlockPlan, Mapping[str, BlockLayout],
                  Callable[[Mapping[str, torch.Tensor]], Mapping[str, BlockLayout]], None]
@@ -120,20 +120,25 @@ def momentum(b1: float | torch.Tensor = 0.9, *, nesterov: bool = False,
     parameter's dtype. ``momentum_format`` (``"float32"``, ``"bfloat16"``, ``"int8"``) stores it
     in that format instead: a low-precision ``m`` is read into fp32, updated, and written back
     rounded (stochastically by default, from ``seed``, kept in the state, the step and the
-    parameter: ``update(..., salts={name: salt})`` or the salt of its name; see
+    parameter: ``update(..., salts={name: salt})`` or the salt of its name, and each element's
+    flat index in it; a tensor that is a piece of a parameter, elements ``[offset, offset +
+    numel)`` of it, says so with ``offsets={name: offset}``; see
     :mod:`adam_mini_tx.core.lowbits`); the output is fp32.
     """
     check_number("b1", b1, 0.0, 1.0)
     low = check_format(momentum_format) in LOW_PRECISION
 
     def init(params: Params) -> MomentumState | RoundedMomentumState:
+        if low:
+            check_sharded(params, momentum_format)
         mu = {n: new_moment(p, momentum_format, state_dtype) for n, p in params.items()}
         if low:
             return RoundedMomentumState(_zero_count(), mu, torch.tensor(seed))
         return MomentumState(_zero_count(), mu)
 
     @in_place_safe
-    def update(updates, state, params=None, grads=None, *, salts=None, **extra_args):
+    def update(updates, state, params=None, grads=None, *, salts=None, offsets=None,
+               **extra_args):
         check_same_structure(_shapes(state.mu), updates, "updates", "momentum state")
         count = state.count + 1
         if low:  # m read into fp32 (a temporary of ours), updated there, stored rounded
@@ -142,8 +147,9 @@ def momentum(b1: float | torch.Tensor = 0.9, *, nesterov: bool = False,
                 value = read(m)
                 value.lerp_(to_dtype(updates[name], torch.float32), _as_weight(1 - b1, value))
                 salt = salts[name] if salts is not None else salt_of(name)
+                where = (salt, offsets.get(name, 0) if offsets else 0)
                 mu[name] = write(value, m, in_place,
-                                 (state.seed, count, salt) if stochastic_rounding else None)
+                                 (state.seed, count, *where) if stochastic_rounding else None)
                 values[name] = fresh(value)
         else:
             lerp = torch.Tensor.lerp_ if donated() else torch.Tensor.lerp  # donated: in place

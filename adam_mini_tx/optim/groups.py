@@ -10,8 +10,7 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
-from ..core.blocks import is_dtensor
-from ..functional.moments import LOW_PRECISION
+from ..functional.moments import LOW_PRECISION, check_sharded
 from ..planning import BlockPlan, check_coverage, plan_blocks
 
 
@@ -83,15 +82,15 @@ def reject_duplicates(groups: Iterable[Mapping[str, Any]]) -> None:
 
 
 def reject_sharded_low_precision(group: Mapping[str, Any], index: int) -> None:
-    """A low-precision ``m`` is not supported for DTensor (FSDP2, TP) parameters yet."""
+    """A low-precision ``m`` of DTensor (FSDP2, TP) parameters needs Shard or Replicate
+    placements: a ValueError naming the group and the parameter otherwise."""
     if group.get("momentum_format") not in LOW_PRECISION:
         return
-    for name, param in zip(group["param_names"], group["params"]):
-        if is_dtensor(param):
-            raise ValueError(f"param group {index}: momentum_format="
-                             f"{group['momentum_format']!r} is not supported for DTensor "
-                             f"parameters yet ({name!r}); use momentum_format='float32' or None "
-                             f"under FSDP2 / tensor parallelism")
+    try:
+        check_sharded(dict(zip(group["param_names"], group["params"])),
+                      group["momentum_format"])
+    except ValueError as error:
+        raise ValueError(f"param group {index}: {error}") from None
 
 
 def resolve_plan(plan: Any, named: list[tuple[str, torch.Tensor]], **plan_kwargs) -> BlockPlan:

@@ -6,7 +6,9 @@ ValueError naming what is wrong; nothing is changed until the caller installs th
 Checked: group sizes, parameter names (when saved), each group's hyperparameters, the block
 plan (when saved; torch.distributed.checkpoint hands back none), and every state value's keys,
 shape, dtype and values (an integer step >= 0; ``m`` and ``v`` floating and free of NaN; ``v``
-non-negative; an infinite ``v`` is what an overflowing statistic leaves and loads as it is).
+non-negative; an infinite ``v`` is what an overflowing statistic leaves and loads as it is). A
+low-precision ``m`` of a DTensor parameter must be a DTensor on its mesh, and is placed as the
+step reads it (:func:`adam_mini_tx.functional.shards.placed`).
 Names saved through a wrapper (``_orig_mod.`` from ``torch.compile``, ``module.`` from DDP, or
 both) are recognised: every saved name is one dotted prefix away from this optimizer's.
 """
@@ -17,6 +19,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from ..core.blocks import is_dtensor
+from ..functional.moments import LOW_PRECISION
 from ..planning import BlockPlan
 from .hyperparams import HYPERPARAMETERS, read_hyperparameters
 from ..core.lowbits import group_count
@@ -59,6 +63,12 @@ def restored(state_dict: Any, groups: Sequence[Mapping[str, Any]], plan: BlockPl
                 state[entry.param] = {key: own_copy(value, _device(key, value, entry.param),
                                                     state_dtype if key in follows else None)
                                       for key, value in slots.items()}
+                if group.get("momentum_format") in LOW_PRECISION and is_dtensor(entry.param):
+                    from ..functional import shards  # a DTensor: torch.distributed is loaded
+                    state[entry.param] = {
+                        key: shards.placed(entry.name, key, value, entry.param)
+                        if key in ("m", "m_scale") else value
+                        for key, value in state[entry.param].items()}
     unknown = [index for index in state_dict["state"] if index not in known]
     if unknown:
         raise ValueError(f"checkpoint has state for parameter ids {unknown[:5]} that no param "

@@ -55,16 +55,19 @@ def slot_keys(momentum_format: str | None) -> tuple[str, ...]:
 def chain_step(tx: GradientTransformation, params: Mapping[str, torch.Tensor],
                grads: Mapping[str, torch.Tensor], slots: Mapping[str, Mapping[str, torch.Tensor]],
                row_sums: Mapping[str, torch.Tensor] | None = None, seed: int | None = None,
-               salts: Mapping[str, torch.Tensor] | None = None
+               salts: Mapping[str, int | torch.Tensor] | None = None,
+               offsets: Mapping[str, int] | None = None
                ) -> tuple[dict[str, torch.Tensor], dict[str, Slots]]:
     """One step of the chain ``tx`` for ``params`` (which share one step count). Returns
     ``(updates, new_slots)``: ``p_new = p + updates[name]`` and the new ``{"step", "m", "v"}``.
     ``row_sums`` (name -> row sums of squares) are the statistics of a pass made earlier;
-    ``seed`` (None: ``m`` is not low-precision) and ``salts`` (by name; default: each name's),
-    those of a low-precision ``m``'s stochastic rounding. Pure unless run with donated
+    ``seed`` (None: ``m`` is not low-precision), ``salts`` (by name; default: each name's) and
+    ``offsets`` (by name, the flat index of a piece's first element in its parameter; default
+    0), those of a low-precision ``m``'s stochastic rounding. Pure unless run with donated
     buffers (:func:`~adam_mini_tx.core.donation.donating`)."""
     state = adam_mini_state_from_slots(dict(slots), None if seed is None else torch.tensor(seed))
-    updates, state = tx.update(dict(grads), state, dict(params), row_sums=row_sums, salts=salts)
+    updates, state = tx.update(dict(grads), state, dict(params), row_sums=row_sums, salts=salts,
+                              offsets=offsets)
     return updates, {name: adam_mini_slots(state, name) for name in params}
 
 

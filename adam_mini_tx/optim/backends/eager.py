@@ -11,7 +11,9 @@ chain (views of the parameter, its gradient, ``m``, ``v`` and its row sums, with
 block layout); any other member (a transposed ``Conv1D`` weight, fused QKV, a DTensor) is a
 chunk of its own. The pieces' results are the whole tensor's, bit for bit, except that in bf16
 a piece boundary can move elements between ATen's vectorised loop and its scalar tail, which
-round bf16 differently (one bf16 rounding per step at most; the state is unchanged).
+round bf16 differently (one bf16 rounding per step at most; the state is unchanged). A
+low-precision ``m`` is rounded with its member's noise: each piece passes the chain the salt of
+the member's name and the flat index of its first element (``salts``, ``offsets``).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from ...core.base import to_dtype
 from ...core.blocks import BlockLayout, is_dtensor
 from ...core.donation import Workspace, donating
 from ...core.guards import all_finite
+from ...core.lowbits import salt_of
 from ..hyperparams import Hyper, chain_for
 from ..members import Member
 from ..state import chain_step
@@ -80,11 +83,13 @@ class EagerBackend:
         tx = chain_for(hyper, work.layouts)
         for chunk in work.chunks:
             given = None if sums is None else _piece_sums(chunk, sums)
+            salts, offsets = _noise_sites(chunk) if hyper.rounding_seed is not None else (None,
+                                                                                          None)
             with donating(self.workspace):
                 updates, _ = chain_step(tx, {p.name: p.param for p in chunk},
                                         {p.name: p.grad for p in chunk},
                                         {p.name: p.state for p in chunk}, given,
-                                        hyper.rounding_seed)
+                                        hyper.rounding_seed, salts, offsets)
             for piece in chunk:
                 piece.param.add_(to_dtype(updates[piece.name], piece.param.dtype))
             written.extend(piece.member for piece in chunk
@@ -147,6 +152,15 @@ def _piece_sums(chunk: Sequence[Piece], sums: Mapping[str, torch.Tensor]
         if whole is not None:
             given[piece.name] = whole if piece.rows is None else whole[piece.rows]
     return given
+
+
+def _noise_sites(chunk: Sequence[Piece]) -> tuple[dict[str, int], dict[str, int]]:
+    """The rounding noise of the chunk's pieces is their members': the salt of the member's
+    name, and the flat index of the piece's first element in the member."""
+    salts = {piece.name: salt_of(piece.member.name) for piece in chunk}
+    offsets = {piece.name: piece.rows.start * piece.param[0].numel()
+               for piece in chunk if piece.rows is not None}
+    return salts, offsets
 
 
 def _rows_per_block(layout: BlockLayout) -> int | None:
