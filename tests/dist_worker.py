@@ -38,10 +38,11 @@ def batch(step: int) -> torch.Tensor:
 
 
 def make_optimizer(model: torch.nn.Module, fused: bool = False,
-                   momentum_format: str | None = None) -> amx.AdamMini:
+                   momentum_format: str | None = None, native: bool | None = None
+                   ) -> amx.AdamMini:
     return amx.AdamMini(model.named_parameters(), n_heads=CONFIG.n_heads,
                         n_kv_heads=CONFIG.n_kv_heads, fused=fused,
-                        momentum_format=momentum_format, **HYPER)
+                        momentum_format=momentum_format, native=native, **HYPER)
 
 
 def train(model, opt, steps: range) -> None:

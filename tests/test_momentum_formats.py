@@ -175,7 +175,7 @@ def test_eager_row_pieces_equal_the_whole_tensor_chain_bit_for_bit(fmt, monkeypa
     params = initial_params(model)
     grads_seq = gradient_sequence(params, 4)
     hyper = dict(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, momentum_format=fmt)
-    opt = amx.AdamMini(model.named_parameters(), **hyper, **HEADS)
+    opt = amx.AdamMini(model.named_parameters(), **hyper, **HEADS, native=False)
     work = opt._backends[0].prepare(
         [eager_backend.Member(n, p, p, {"step": torch.tensor(0)}) for n, p in
          model.named_parameters()], opt.plan.layouts(), None)
