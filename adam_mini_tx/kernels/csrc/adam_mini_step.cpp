@@ -156,7 +156,8 @@ void update_span(P* p, const P* g, int8_t* codes, float* scale, int64_t n, int64
   float values[kGroup];
   const float old_scale = *scale;
   float absmax = 0.f;
-  bool nan = false;
+  int nan = 0;
+#pragma omp simd reduction(max : absmax) reduction(| : nan)
   for (int64_t i = 0; i < n; ++i) {
     const float old = static_cast<float>(codes[i]) * old_scale;
     const float value = std::fma(s.w1, load(g[i]) - old, old);  // ATen's lerp
@@ -167,6 +168,7 @@ void update_span(P* p, const P* g, int8_t* codes, float* scale, int64_t n, int64
   }
   const float new_scale = nan ? NAN : absmax / 127.f;
   const float divisor = new_scale > 0.f ? new_scale : 1.f;
+#pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     float scaled = values[i] / divisor;
     scaled = e.key < 0 ? std::nearbyint(scaled)
@@ -457,7 +459,11 @@ void sums_tile(const Member& mb, const Tile& tile, float* out) {
     for (int64_t c = 0; c < width; ++c) out[tile.row + c] = static_cast<float>(sums[c]);
     return;
   }
-  const int64_t per_row = mb.mode == kElementwise ? 1 : mb.row_numel;
+  if (mb.mode == kElementwise) {
+    for (int64_t r = tile.row; r < tile.end_row; ++r) out[r] = load(g[r]) * load(g[r]);
+    return;
+  }
+  const int64_t per_row = mb.row_numel;
   for (int64_t r = tile.row; r < tile.end_row; ++r)
     out[r] = static_cast<float>(sum_of_squares(g + r * per_row, per_row));
 }
