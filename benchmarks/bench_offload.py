@@ -25,7 +25,8 @@ from bench_step import llama_model
 def config() -> dict:
     return {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
             "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
-            "zero_force_ds_cpu_optimizer": False, "steps_per_print": 10**9}
+            "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False,
+            "gradient_clipping": 0.0, "steps_per_print": 10**9}
 
 
 def timed(opt: torch.optim.Optimizer, times: list[float]) -> None:

@@ -251,17 +251,20 @@ def plot(results: list[dict], path: str) -> None:
 
     columns = min(2, len(results))
     rows = -(-len(results) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(6 * columns, 3.5 * rows), squeeze=False)
+    height = 0.3 * max(len(res["rows"]) for res in results) + 1.2
+    fig, axes = plt.subplots(rows, columns, figsize=(6.5 * columns, height * rows), squeeze=False)
     for ax in axes.flat[len(results):]:
         ax.axis("off")
     for ax, res in zip(axes.flat, results):
-        names = [r["candidate"].replace("adam_mini_tx ", "").replace(" (nonfinite=skip)", "\n(skip)")
+        names = [r["candidate"].replace("adam_mini_tx ", "").replace("nonfinite=", "")
                  for r in res["rows"]]
         ax.barh(names, [r["x_adamw_fused"] for r in res["rows"]], color="C0")
+        ax.set_xscale("log")
         ax.axvline(1.0, color="k", lw=0.8)
-        ax.axvline(0.8, color="C3", lw=0.8, ls="--", label="issue target for the fused mode")
-        ax.set_xlabel("step time / AdamW(fused=True)")
+        ax.axvline(0.8, color="C3", lw=0.8, ls="--", label="0.8x: issue 20's target")
+        ax.set_xlabel("step time / AdamW(fused=True) (log scale)")
         ax.set_title(f"{res['size']}: {res['params'] / 1e6:.0f}M params")
+        ax.tick_params(axis="y", labelsize=8)
     axes.flat[0].legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
