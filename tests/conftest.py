@@ -1,6 +1,9 @@
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels on CPU tensors (test_triton_kernel)
+import torch
+
+if not torch.cuda.is_available():  # Triton kernels on CPU tensors (test_triton_kernel), set
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any test imports triton
 
 import sys
 
