@@ -20,7 +20,7 @@ stored rows. Other permuted layouts are refused.
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 
@@ -50,6 +50,10 @@ class Piece(NamedTuple):
     v: slice  # its blocks' entries in the partition's v
 
 
+PieceSums = Callable[[Sequence[tuple[str, torch.Tensor, BlockLayout]]], Sequence[torch.Tensor]]
+"""Row sums of squares of pieces, ``(name, gradient view, layout)`` each: flat, one per row."""
+
+
 class FlatPartition(NamedTuple):
     """A flat partition's pieces and what its statistics are summed over."""
 
@@ -59,19 +63,25 @@ class FlatPartition(NamedTuple):
     v_numel: int
     process_group: Any  # the ranks sharing the partitioned parameters (None: this rank alone)
 
-    def row_sums(self, grad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def row_sums(self, grad: torch.Tensor, dtype: torch.dtype,
+                 sums_of: PieceSums | None = None) -> torch.Tensor:
         """Per-row sums of squares of every parameter in ``params`` (concatenated, in order),
-        over all ranks: ``sum_j g[r, j]**2``; accumulated in at least fp32."""
+        over all ranks: ``sum_j g[r, j]**2``; accumulated in at least fp32. ``sums_of``: the
+        pieces' own row sums in one call (a kernel's statistics pass), given ``(name, view,
+        layout)`` per piece; None: each piece's ``row_sums_of_squares``."""
         offsets = self._row_offsets()
         total = torch.zeros(offsets[-1], dtype=accumulation_dtype(grad.dtype, dtype),
                             device=grad.device)
         starts = dict(zip((name for name, _ in self.params), offsets))
-        for piece in self.pieces:
-            view = _view(grad, piece)
+        views = [(piece.name, _view(grad, piece), piece.layout) for piece in self.pieces]
+        sums = (sums_of(views) if sums_of is not None
+                else [layout.row_sums_of_squares(view, total.dtype).reshape(-1)
+                      for _, view, layout in views])
+        for piece, piece_sums in zip(self.pieces, sums):
             first = starts[piece.param_name] + piece.rows.start
-            total[first: first + piece.rows.stop - piece.rows.start] += \
-                piece.layout.row_sums_of_squares(view, total.dtype).reshape(-1)
-        if self.process_group is not None:
+            total[first: first + piece.rows.stop - piece.rows.start] += piece_sums
+        if self.process_group is not None and \
+                torch.distributed.get_world_size(self.process_group) > 1:
             torch.distributed.all_reduce(total, group=self.process_group)
         return total
 
@@ -114,7 +124,15 @@ def flat_partition(name: str, fragments: Sequence[Fragment],
                    params: Sequence[tuple[str, BlockLayout]], process_group: Any,
                    piece_elements: int = PIECE_ELEMENTS) -> FlatPartition:
     """The partition ``name`` holding ``fragments`` of ``params`` (every parameter whose
-    statistics its ranks sum, in the same order on every rank)."""
+    statistics its ranks sum, in the same order on every rank); made once per arguments (a
+    step reads the same partitions again)."""
+    return _flat_partition(name, tuple(fragments), tuple(params), process_group, piece_elements)
+
+
+@functools.lru_cache(maxsize=1024)
+def _flat_partition(name: str, fragments: tuple[Fragment, ...],
+                    params: tuple[tuple[str, BlockLayout], ...], process_group: Any,
+                    piece_elements: int) -> FlatPartition:
     layouts = dict(params)
     pieces: list[Piece] = []
     v_numel = 0
@@ -126,7 +144,7 @@ def flat_partition(name: str, fragments: Sequence[Fragment],
                                 fragment.name, offset, shape, rows, layout,
                                 slice(v_numel, v_numel + layout.num_blocks)))
             v_numel += layout.num_blocks
-    return FlatPartition(name, tuple(params), tuple(pieces), v_numel, process_group)
+    return FlatPartition(name, params, tuple(pieces), v_numel, process_group)
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -96,8 +96,8 @@ def backends_for(native_choice: bool | None, fused: bool,
         elif native_choice:
             raise RuntimeError(f"native=True, but the native CPU step is {native.status()}: "
                                f"pass native=None to fall back to the eager step")
-    return Backends(EagerBackend(), CompiledBackend(),
-                    FlatBackend(None if kernel is None else kernel.step), kernel)
+    step, sums = (None, None) if kernel is None else (kernel.step, kernel.sums)
+    return Backends(EagerBackend(), CompiledBackend(), FlatBackend(step, sums), kernel)
 
 
 def row_sums(work: Sequence[Sequence[tuple[Backend, Any]]]

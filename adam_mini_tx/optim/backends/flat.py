@@ -18,7 +18,7 @@ from typing import Mapping, NamedTuple, Sequence
 import torch
 
 from ...core.base import to_dtype
-from ...core.blocks import BlockLayout
+from ...core.blocks import BlockLayout, accumulation_dtype
 from ...core.donation import Workspace, donating
 from ...distributed.flat import PIECE_ELEMENTS
 from ...functional.alias import DECAY_MASKS
@@ -26,7 +26,7 @@ from ..hyperparams import Hyper, chain_for
 from ..members import Member
 from ...kernels.spec import KernelMember, geometry, step_scalars
 from ..state import chain_step
-from .kernel import StepKernel, takes
+from .kernel import StepKernel, SumsKernel, takes
 
 
 class FlatWork(NamedTuple):
@@ -37,11 +37,12 @@ class FlatWork(NamedTuple):
 class FlatBackend:
     """See the module docstring; keeps one :class:`Workspace` (one chunk's temporaries).
     ``kernel``: a single-pass step kernel (:mod:`adam_mini_tx.kernels`) that steps a partition's
-    pieces in one call when it takes all of them; None: the chain alone."""
+    pieces in one call when it takes all of them, and ``sums`` its statistics pass; None: the
+    chain and torch's row sums."""
 
-    def __init__(self, kernel: StepKernel | None = None) -> None:
+    def __init__(self, kernel: StepKernel | None = None, sums: SumsKernel | None = None) -> None:
         self.workspace = Workspace()
-        self.kernel = kernel
+        self.kernel, self.sums = kernel, sums
 
     @property
     def scratch_bytes(self) -> int:
@@ -53,9 +54,25 @@ class FlatBackend:
                                         for name, layout in member.partition.params})
 
     def row_sums(self, work: FlatWork) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
-        sums = {member.name: member.partition.row_sums(member.grad, member.state["v"].dtype)
+        sums = {member.name: member.partition.row_sums(
+                    member.grad, member.state["v"].dtype,
+                    self._piece_sums if self._sums_in_kernel(member) else None)
                 for member in work.members}
         return sums, [torch.isfinite(torch.cat(list(sums.values()))).all()] if sums else []
+
+    def _sums_in_kernel(self, member: Member) -> bool:
+        """Whether the kernel's statistics pass can sum this partition's pieces (fp32 sums)."""
+        grad = member.grad
+        return (self.sums is not None and grad.device.type == "cpu" and grad.is_contiguous()
+                and grad.dtype in (torch.float32, torch.bfloat16)
+                and accumulation_dtype(grad.dtype, member.state["v"].dtype) == torch.float32)
+
+    def _piece_sums(self, pieces: Sequence[tuple[str, torch.Tensor, BlockLayout]]
+                    ) -> list[torch.Tensor]:
+        """The pieces' row sums from the kernel (only their gradients and geometry are read)."""
+        return self.sums([KernelMember(name, view, view, view, None, view, None,
+                                       *geometry(layout), False, None)
+                          for name, view, layout in pieces])[0]
 
     def apply(self, work: FlatWork, hyper: Hyper, sums: Mapping[str, torch.Tensor] | None,
               written: list[Member]) -> None:

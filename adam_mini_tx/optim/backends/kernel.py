@@ -111,4 +111,4 @@ def _kernel_member(member: Member, layout: BlockLayout, hyper: Hyper, count: int
         else None, not low)
 
 
-__all__ = ["KernelBackend", "KernelWork", "StepKernel", "supports", "takes"]
+__all__ = ["KernelBackend", "KernelWork", "StepKernel", "SumsKernel", "supports", "takes"]
