@@ -293,9 +293,20 @@ def _ddp_loss(model, step):
                                              tokens[:, 1:].reshape(-1))
 
 
+def fsdp_native_one_rank(rank, world, out):
+    """FSDP2 on a one-rank mesh (every DTensor all local): the native kernel steps it."""
+    model = sharded_model(init_device_mesh("cpu", (world,)))
+    opt = make_optimizer(model)
+    backend, calls = opt._backends.native, []
+    step = backend.step
+    backend.step = lambda members, scalars: (calls.append(len(members)), step(members, scalars))
+    train(model, opt, range(STEPS))
+    return {"params": full_params(model), "calls": len(calls), "step_kind": opt.step_kind}
+
+
 SCENARIOS = {f.__name__: f for f in (dtensor_layouts, fsdp_train_and_checkpoint,
                                       fsdp_reshard_from_two, ddp_train, dtensor_low_precision,
-                                      fsdp_low_precision)}
+                                      fsdp_low_precision, fsdp_native_one_rank)}
 
 
 def worker(rank: int, world: int, port: int, out: str, names: list[str]) -> None:

@@ -185,3 +185,15 @@ def test_reshard_two_to_one_process(two_ranks):
     w.load_checkpoint(model, opt, str(out / "ckpt_2ranks"))
     assert_params_close(single_process_run(range(w.CHECKPOINT_AT, w.STEPS), model, opt),
                         single_process_run())
+
+
+def test_fsdp2_on_one_rank_steps_through_the_native_kernel(tmp_path):
+    """One rank holds every value of its DTensors (FSDP2 on one GPU with CPU offload keeps them on
+    the host): the native kernel steps their local tensors, and the run equals one process's.
+    With more ranks (the tests above) the shards go through the eager chain."""
+    from adam_mini_tx.kernels import native
+    if not native.load():
+        pytest.skip(f"native kernel: {native.status()}")
+    result = spawn(1, tmp_path, "fsdp_native_one_rank")["fsdp_native_one_rank"]
+    assert result["calls"] >= w.STEPS and result["step_kind"].startswith("native")
+    assert_params_close(result["params"], single_process_run())

@@ -35,11 +35,23 @@ class KernelWork(NamedTuple):
 
 
 def supports(member: Member, layout: BlockLayout, device_type: str = "cpu") -> bool:
-    """Whether a kernel on ``device_type`` can step ``member``: a plain tensor that
-    :func:`takes` (flat partitions have their own backend)."""
-    return (member.partition is None and not is_dtensor(member.param)
-            and takes(member.param, member.grad, member.state["m"], member.state["v"], layout,
-                      device_type))
+    """Whether a kernel on ``device_type`` can step ``member``: tensors that :func:`takes`,
+    plain or DTensors whose every rank holds all their values (a one-rank mesh, as FSDP2 on
+    one GPU with its CPU offload; or replicated); flat partitions have their own backend."""
+    tensors = [member.param, member.grad, member.state["m"], member.state["v"]]
+    if member.partition is not None or any(is_dtensor(t) and not whole(t) for t in tensors):
+        return False
+    return takes(*map(local, tensors), layout, device_type)
+
+
+def whole(x: torch.Tensor) -> bool:
+    """Whether DTensor ``x`` holds all its values on this rank."""
+    return x.device_mesh.size() == 1 or all(p.is_replicate() for p in x.placements)
+
+
+def local(x: torch.Tensor | None) -> torch.Tensor | None:
+    """``x``'s values on this rank, written in place through it (``to_local`` of a DTensor)."""
+    return x.to_local() if x is not None and is_dtensor(x) else x
 
 
 def takes(param: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor,
@@ -105,10 +117,12 @@ def _kernel_member(member: Member, layout: BlockLayout, hyper: Hyper, count: int
     decay = (hyper.weight_decay != 0
              and DECAY_MASKS[hyper.decay_mask](member.name, member.param) == "decay")
     return KernelMember(
-        member.name, member.param, member.grad, member.state["m"], member.state.get("m_scale"),
-        member.state["v"], None, runs, row_numel, columns, decay,
+        member.name, local(member.param), local(member.grad), local(member.state["m"]),
+        local(member.state.get("m_scale")), local(member.state["v"]), None, runs, row_numel,
+        columns, decay,
         member_noise_key(hyper.seed, count, member.name) if low and hyper.stochastic_rounding
         else None, not low)
 
 
-__all__ = ["KernelBackend", "KernelWork", "StepKernel", "SumsKernel", "supports", "takes"]
+__all__ = ["KernelBackend", "KernelWork", "StepKernel", "SumsKernel", "supports", "takes",
+           "whole", "local"]
