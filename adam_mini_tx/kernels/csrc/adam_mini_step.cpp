@@ -186,7 +186,7 @@ struct Member {
   void* v;
   const void* row_sums;  // nullptr: pass A computes the sums
   bool sums_double;
-  int64_t mode, row_numel, last, group, numel;
+  int64_t mode, row_numel, last, group;
   Element element;
   std::vector<std::pair<int64_t, int64_t>> runs;  // (rows per block, blocks)
 };
@@ -292,26 +292,34 @@ void update_line(const Member& mb, int64_t begin, int64_t n, const float* steps,
   }
 }
 
+// Sums of squares of the tile's columns of a contiguous (in, out) tensor, in double (fp32 over
+// 256 rows at a time).
+template <typename P>
+std::vector<double> column_sums(const Member& mb, const Tile& tile) {
+  const P* g = static_cast<const P*>(mb.g);
+  const int64_t in = mb.row_numel, width = tile.end_row - tile.row;
+  std::vector<double> sums(width, 0.0);
+  std::vector<float> partial(width);
+  for (int64_t i0 = 0; i0 < in; i0 += 256) {
+    std::fill(partial.begin(), partial.end(), 0.f);
+    for (int64_t i = i0; i < std::min(in, i0 + 256); ++i) {
+      const P* line = g + i * mb.last + tile.row;
+#pragma omp simd
+      for (int64_t c = 0; c < width; ++c) partial[c] += load(line[c]) * load(line[c]);
+    }
+    for (int64_t c = 0; c < width; ++c) sums[c] += partial[c];
+  }
+  return sums;
+}
+
 // Columns of a contiguous (in, out) tensor: column sums over the tile's columns, then the rows.
 template <typename P, typename M, typename V>
 void columns_tile(const Member& mb, const Tile& tile, const Scalars& s) {
-  const P* g = static_cast<const P*>(mb.g);
   V* v = static_cast<V*>(mb.v);
   const int64_t out = mb.last, in = mb.row_numel, width = tile.end_row - tile.row;
-  std::vector<double> sums(width, 0.0);
+  std::vector<double> sums = mb.row_sums ? std::vector<double>(width) : column_sums<P>(mb, tile);
   if (mb.row_sums) {
     for (int64_t c = 0; c < width; ++c) sums[c] = given_sum(mb, tile.row + c, 1);
-  } else {
-    std::vector<float> partial(width);
-    for (int64_t i0 = 0; i0 < in; i0 += 256) {
-      std::fill(partial.begin(), partial.end(), 0.f);
-      for (int64_t i = i0; i < std::min(in, i0 + 256); ++i) {
-        const P* line = g + i * out + tile.row;
-#pragma omp simd
-        for (int64_t c = 0; c < width; ++c) partial[c] += load(line[c]) * load(line[c]);
-      }
-      for (int64_t c = 0; c < width; ++c) sums[c] += partial[c];
-    }
   }
   std::vector<float> steps(width);
   for_each_block(mb, tile, [&](int64_t row, int64_t length, int64_t block) {
@@ -379,7 +387,6 @@ Member geometry_of(const at::Tensor& grad, const int64_t* row, const int64_t* pa
   mb.last = std::max<int64_t>(row[kLast], 1);
   const int64_t groups = (mb.last + kGroup - 1) / kGroup;
   mb.group = (mb.last + groups - 1) / groups;
-  mb.numel = grad.numel();
   for (int64_t r = row[kRunsBegin]; r < row[kRunsEnd]; ++r)
     mb.runs.emplace_back(pairs[2 * r], pairs[2 * r + 1]);
   return mb;
@@ -444,19 +451,8 @@ void sums_tile(const Member& mb, const Tile& tile, float* out) {
   const P* g = static_cast<const P*>(mb.g);
   const int64_t rows = tile.end_row - tile.row;
   if (mb.mode == kColumns) {
-    const int64_t in = mb.row_numel, width = rows;
-    std::vector<double> sums(width, 0.0);
-    std::vector<float> partial(width);
-    for (int64_t i0 = 0; i0 < in; i0 += 256) {
-      std::fill(partial.begin(), partial.end(), 0.f);
-      for (int64_t i = i0; i < std::min(in, i0 + 256); ++i) {
-        const P* line = g + i * mb.last + tile.row;
-#pragma omp simd
-        for (int64_t c = 0; c < width; ++c) partial[c] += load(line[c]) * load(line[c]);
-      }
-      for (int64_t c = 0; c < width; ++c) sums[c] += partial[c];
-    }
-    for (int64_t c = 0; c < width; ++c) out[tile.row + c] = static_cast<float>(sums[c]);
+    const std::vector<double> sums = column_sums<P>(mb, tile);
+    for (int64_t c = 0; c < rows; ++c) out[tile.row + c] = static_cast<float>(sums[c]);
     return;
   }
   if (mb.mode == kElementwise) {
