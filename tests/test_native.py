@@ -313,3 +313,30 @@ def test_parameters_that_skip_steps_match_the_eager_chain():
     assert_same_run(*runs, exact_m=False)
     steps = {int(runs[1][1].state[p]["step"]) for p in runs[1][0].parameters()}
     assert len(steps) > 1  # the counts really differ
+
+
+def test_a_kernel_call_that_raises_leaves_earlier_calls_counted_and_later_members_unwritten():
+    """One kernel call per step count: a call that raises writes nothing, and the members of the
+    calls before it are reported written (their step counts get bumped), none after it."""
+    calls = []
+
+    def kernel(members, scalars):
+        if calls:
+            raise RuntimeError("second call")
+        calls.append([m.name for m in members])
+
+    model = llama()
+    layouts = plan_for(model).layouts()
+    named = list(model.named_parameters())
+    members = [amx.optim.members.Member(
+        n, p, torch.zeros_like(p), {"step": torch.tensor(i % 2), "m": torch.zeros_like(p),
+                                    "v": torch.zeros(layouts[n].v_shape)})
+        for i, (n, p) in enumerate(named)]
+    backend = kernel_backend.KernelBackend(kernel)
+    hyper = amx.optim.hyperparams.read_hyperparameters(
+        amx.AdamMini(named, plan=plan_for(model)).param_groups[0], "")
+    written = []
+    with pytest.raises(RuntimeError, match="second call"):
+        backend.apply(backend.prepare(members, layouts, hyper), hyper, None, written)
+    assert [m.name for m in written] == calls[0] == [n for i, (n, _) in enumerate(named)
+                                                     if i % 2 == 0]

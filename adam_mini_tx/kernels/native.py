@@ -96,6 +96,8 @@ def _tables(members: Sequence[KernelMember]) -> tuple[torch.Tensor, torch.Tensor
 def row_sums_(members: Sequence[KernelMember]) -> tuple[list[torch.Tensor], bool]:
     """The statistics pass: each member's row sums of squares (fp32, accumulated in float64;
     one per row, flat) and whether all of them are finite."""
+    if not members:
+        return [], True
     meta, runs = _tables(members)
     counts = [sum(length * count for length, count in m.runs) for m in members]
     out = list(members[0].grad.new_empty(sum(counts), dtype=torch.float32).split(counts))
@@ -105,6 +107,8 @@ def row_sums_(members: Sequence[KernelMember]) -> tuple[list[torch.Tensor], bool
 
 def step_(members: Sequence[KernelMember], scalars: StepScalars) -> None:
     """One step of ``members`` (sharing ``scalars``) in place; see :mod:`.spec`."""
+    if not members:
+        return
     meta, runs = _tables(members)
     empty = members[0].param.new_empty(0)
     torch.ops.adam_mini_tx.step_(

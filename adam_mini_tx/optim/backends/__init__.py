@@ -112,5 +112,5 @@ def row_sums(work: Sequence[Sequence[tuple[Backend, Any]]]
     return sums, flags
 
 
-__all__ = ["Backend", "Backends", "RowSums", "assign", "backends_for", "check_native", "row_sums", "EagerBackend",
-           "CompiledBackend", "FlatBackend", "KernelBackend"]
+__all__ = ["Backend", "Backends", "RowSums", "assign", "backends_for", "check_native", "row_sums",
+           "EagerBackend", "CompiledBackend", "FlatBackend", "KernelBackend"]

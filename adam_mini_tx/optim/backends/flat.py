@@ -24,9 +24,9 @@ from ...distributed.flat import PIECE_ELEMENTS
 from ...functional.alias import DECAY_MASKS
 from ..hyperparams import Hyper, chain_for
 from ..members import Member
-from ...kernels.spec import KernelMember, geometry, step_scalars
+from ...kernels.spec import KernelMember, geometry
 from ..state import chain_step
-from .kernel import StepKernel, SumsKernel, takes
+from .kernel import StepKernel, SumsKernel, scalars_for, takes
 
 
 class FlatWork(NamedTuple):
@@ -93,8 +93,7 @@ class FlatBackend:
                                           given[n].contiguous(), *geometry(layouts[n]),
                                           hyper.weight_decay != 0 and labels[n] == "decay", None)
                              for n in params],
-                            step_scalars(hyper.lr, hyper.beta1, hyper.beta2, hyper.eps,
-                                         hyper.eps_root, hyper.weight_decay, count))
+                            scalars_for(hyper, count))
                 written.append(member)
                 continue
             tx = chain_for(hyper, layouts, lambda name, tensor: labels[name])

@@ -29,8 +29,7 @@ FLOATS = (torch.float32, torch.bfloat16)
 
 
 class KernelWork(NamedTuple):
-    members: list[Member]
-    by_count: dict[int, list[KernelMember]]  # the step count after this step -> its members
+    by_count: dict[int, list[tuple[Member, KernelMember]]]  # the count after this step -> ...
     layouts: Mapping[str, BlockLayout]
 
 
@@ -85,29 +84,34 @@ class KernelBackend:
 
     def prepare(self, members: Sequence[Member], layouts: Mapping[str, BlockLayout],
                 hyper: Hyper) -> KernelWork:
-        by_count: dict[int, list[KernelMember]] = defaultdict(list)
+        by_count: dict[int, list[tuple[Member, KernelMember]]] = defaultdict(list)
         for member in members:
             count = int(member.state["step"]) + 1
-            by_count[count].append(_kernel_member(member, layouts[member.name], hyper, count))
-        return KernelWork(list(members), dict(by_count), layouts)
+            by_count[count].append(
+                (member, _kernel_member(member, layouts[member.name], hyper, count)))
+        return KernelWork(dict(by_count), layouts)
 
     def row_sums(self, work: KernelWork) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+        pairs = [pair for group in work.by_count.values() for pair in group]
         if self.sums is None:
-            return member_row_sums(work.members, work.layouts)
-        kernel_members = [m for members in work.by_count.values() for m in members]
-        sums, finite = self.sums(kernel_members)
+            return member_row_sums([member for member, _ in pairs], work.layouts)
+        sums, finite = self.sums([kernel_member for _, kernel_member in pairs])
         return ({m.name: row.view(work.layouts[m.name].row_shape)
-                 for m, row in zip(kernel_members, sums)}, [torch.tensor(finite)])
+                 for (m, _), row in zip(pairs, sums)}, [torch.tensor(finite)])
 
     def apply(self, work: KernelWork, hyper: Hyper, sums: Mapping[str, torch.Tensor] | None,
               written: list[Member]) -> None:
-        for count, members in work.by_count.items():
-            scalars = step_scalars(hyper.lr, hyper.beta1, hyper.beta2, hyper.eps,
-                                   hyper.eps_root, hyper.weight_decay, count)
-            if sums is not None:
-                members = [m._replace(row_sums=sums.get(m.name)) for m in members]
-            self.step(members, scalars)
-        written.extend(work.members)
+        for count, pairs in work.by_count.items():
+            kernel_members = [k if sums is None else k._replace(row_sums=sums.get(k.name))
+                              for _, k in pairs]
+            self.step(kernel_members, scalars_for(hyper, count))
+            written.extend(member for member, _ in pairs)  # each call writes all or nothing
+
+
+def scalars_for(hyper: Hyper, count: int) -> StepScalars:
+    """A kernel call's scalars: ``hyper`` at step ``count`` (the count after the step)."""
+    return step_scalars(hyper.lr, hyper.beta1, hyper.beta2, hyper.eps, hyper.eps_root,
+                        hyper.weight_decay, count)
 
 
 def _kernel_member(member: Member, layout: BlockLayout, hyper: Hyper, count: int
@@ -124,5 +128,5 @@ def _kernel_member(member: Member, layout: BlockLayout, hyper: Hyper, count: int
         else None, not low)
 
 
-__all__ = ["KernelBackend", "KernelWork", "StepKernel", "SumsKernel", "supports", "takes",
-           "whole", "local"]
+__all__ = ["KernelBackend", "KernelWork", "StepKernel", "SumsKernel", "scalars_for", "supports",
+           "takes", "whole", "local"]
