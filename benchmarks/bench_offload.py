@@ -1,6 +1,6 @@
 """DeepSpeed ZeRO-Offload on the CPU: AdamMini's step against DeepSpeedCPUAdam in one configuration.
 
-ZeRO stage 2 with ``offload_optimizer: {device: cpu}``, fp32, one process (gloo). Three engines
+ZeRO stage 2 with ``offload_optimizer: {device: cpu}``, fp32, one process (gloo). Four engines
 on copies of the benchmark's Llama-shaped model train side by side, round by round; the time of
 the client optimizer's own ``step()`` (between its step pre- and post-hooks) is the number, as a
 ratio to DeepSpeedCPUAdam's, and the whole ``engine.step()`` besides.
@@ -49,6 +49,9 @@ def main() -> None:
         "DeepSpeedCPUAdam": lambda m: DeepSpeedCPUAdam(m.parameters(), lr=1e-4),
         "AdamMini native": lambda m: AdamMini(m.named_parameters(), lr=1e-4, n_heads=heads,
                                               n_kv_heads=kv, native=True),
+        'AdamMini native, nonfinite="apply"': lambda m: AdamMini(
+            m.named_parameters(), lr=1e-4, n_heads=heads, n_kv_heads=kv, native=True,
+            nonfinite="apply"),
         "AdamMini eager": lambda m: AdamMini(m.named_parameters(), lr=1e-4, n_heads=heads,
                                              n_kv_heads=kv, native=False),
     }

@@ -143,3 +143,66 @@ def test_a_nonfinite_gradient_on_another_rank_stops_this_rank_too(policy):
     else:
         decision = decide(policy, [member], sums, flags, {})
         assert not decision.apply and decision.bad == [part.name]
+
+
+@pytest.mark.parametrize("piece_elements", [PIECE_ELEMENTS, 50])
+@pytest.mark.parametrize("make", [gpt2_with_experts, llama_gqa])
+def test_whole_pieces_are_those_holding_every_element_of_their_blocks(make, piece_elements):
+    """``Piece.whole`` (its row sums are its parameter's own) against a count of the block ids
+    of every element: a piece is whole exactly when each block it meets lies in it entirely."""
+    model, dims = make()
+    named = list(model.named_parameters())
+    layouts = amx.AdamMini(named, plan=model if not dims else None, **dims).plan.layouts()
+    total = sum(p.numel() for _, p in named)
+    ranks, offsets, _ = simulated_ranks(named, sorted(random.Random(3).sample(range(1, total), 7)),
+                                        layouts, piece_elements)
+    seen = set()
+    for a, _, part in ranks:
+        for piece in part.pieces:
+            layout, shape = layouts[piece.param_name], dict(named)[piece.param_name].shape
+            ids = layout.expand(torch.arange(layout.num_blocks).reshape(layout.v_shape))
+            ids = ids.expand(tuple(shape)).reshape(-1)
+            first = a + piece.offset - offsets[piece.param_name]
+            held = ids[first:first + piece.layout.num_rows * piece.layout.row_numel]
+            inside = all(int((held == i).sum()) == int((ids == i).sum()) for i in held.unique())
+            assert piece.whole == inside, piece
+            seen.add(piece.whole)
+    assert seen == {True, False}
+
+
+@pytest.mark.parametrize("make", [gpt2_with_experts, llama_gqa])
+def test_one_rank_without_a_statistics_pass_steps_each_piece_in_one_pass(make, monkeypatch):
+    """``nonfinite="apply"`` on one rank whose pieces hold whole blocks: no statistics pass;
+    the kernel sums each piece's ``g*g`` in its single pass, and 10 steps equal ``AdamMini``."""
+    from adam_mini_tx.kernels import native
+    if not native.load():
+        pytest.skip(f"native kernel: {native.status()}")
+    model, dims = make()
+    named = list(model.named_parameters())
+    reference = amx.AdamMini(named, plan=model if not dims else None, lr=1e-2, betas=(0.9, 0.95),
+                             weight_decay=0.1, nonfinite="apply", native=False, **dims)
+    layouts = reference.plan.layouts()
+    [(_, _, part)], offsets, _ = simulated_ranks(named, [], layouts, PIECE_ELEMENTS)
+    assert part.self_contained
+    flat = torch.cat([p.detach().reshape(-1) for _, p in named] + [torch.zeros(3)])
+    member = Member(part.name, flat, None, new_flat_slots(flat, (part.v_numel,), None), part)
+    given = []
+    backend = FlatBackend(lambda members, scalars: (given.extend(k.row_sums for k in members),
+                                                    native.step_(members, scalars)),
+                          lambda members: pytest.fail("no statistics pass"))
+    hyper = read_hyperparameters(reference.param_groups[0], "")
+    for step in range(STEPS):
+        gen = torch.Generator().manual_seed(step)
+        grads = {n: torch.randn(p.shape, generator=gen) for n, p in named}
+        for n, p in named:
+            p.grad = grads[n].clone()
+        reference.step()
+        member = member._replace(grad=torch.cat([grads[n].reshape(-1) for n, _ in named]
+                                                + [torch.zeros(3)]))
+        backend.apply(backend.prepare([member], layouts, hyper), hyper, None, [])
+        member.state["step"] += 1
+    assert given and all(sums is None for sums in given)
+    for name, p in named:
+        value = flat[offsets[name]:offsets[name] + p.numel()].view(p.shape)
+        assert ((value - p.detach()).abs().max() / p.detach().abs().max()).item() < 1e-6, name
+

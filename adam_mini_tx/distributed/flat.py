@@ -20,7 +20,7 @@ stored rows. Other permuted layouts are refused.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import torch
 
@@ -48,6 +48,7 @@ class Piece(NamedTuple):
     rows: slice  # the parameter's layout rows it holds, whole or in part
     layout: BlockLayout  # the parameter's blocks clipped to those rows
     v: slice  # its blocks' entries in the partition's v
+    whole: bool  # its rows are whole rows, its blocks whole blocks of the parameter
 
 
 PieceSums = Callable[[Sequence[tuple[str, torch.Tensor, BlockLayout]]], Sequence[torch.Tensor]]
@@ -64,41 +65,53 @@ class FlatPartition(NamedTuple):
     process_group: Any  # the ranks sharing the partitioned parameters (None: this rank alone)
 
     def row_sums(self, grad: torch.Tensor, dtype: torch.dtype,
-                 sums_of: PieceSums | None = None) -> torch.Tensor:
+                 sums_of: PieceSums | None = None,
+                 grad_views: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Per-row sums of squares of every parameter in ``params`` (concatenated, in order),
         over all ranks: ``sum_j g[r, j]**2``; accumulated in at least fp32. ``sums_of``: the
         pieces' own row sums in one call (a kernel's statistics pass), given ``(name, view,
-        layout)`` per piece; None: each piece's ``row_sums_of_squares``."""
-        offsets = self._row_offsets()
-        total = torch.zeros(offsets[-1], dtype=accumulation_dtype(grad.dtype, dtype),
-                            device=grad.device)
-        starts = dict(zip((name for name, _ in self.params), offsets))
-        views = [(piece.name, _view(grad, piece), piece.layout) for piece in self.pieces]
+        layout)`` per piece; None: each piece's ``row_sums_of_squares``. ``grad_views``: the
+        pieces' views of ``grad`` where already made (:meth:`views`)."""
+        total = torch.zeros(self._row_offsets()[-1],
+                            dtype=accumulation_dtype(grad.dtype, dtype), device=grad.device)
+        grad_views = self.views(grad) if grad_views is None else grad_views
+        views = [(piece.name, grad_views[piece.name], piece.layout) for piece in self.pieces]
         sums = (sums_of(views) if sums_of is not None
                 else [layout.row_sums_of_squares(view, total.dtype).reshape(-1)
                       for _, view, layout in views])
-        for piece, piece_sums in zip(self.pieces, sums):
-            first = starts[piece.param_name] + piece.rows.start
-            total[first: first + piece.rows.stop - piece.rows.start] += piece_sums
-        if self.process_group is not None and \
-                torch.distributed.get_world_size(self.process_group) > 1:
+        for rows, piece_sums in zip(self._rows_in_total(), sums):
+            total[rows] += piece_sums
+        if self.shared:
             torch.distributed.all_reduce(total, group=self.process_group)
         return total
 
+    @property
+    def shared(self) -> bool:
+        """Whether other ranks hold parts of these parameters (the statistics are all-reduced)."""
+        return self.process_group is not None and \
+            torch.distributed.get_world_size(self.process_group) > 1
+
+    @property
+    def self_contained(self) -> bool:
+        """Whether each piece's own ``g*g`` gives its blocks' statistics: every piece is
+        :attr:`Piece.whole` and no other rank shares the parameters."""
+        return not self.shared and all(piece.whole for piece in self.pieces)
+
     def piece_row_sums(self, total: torch.Tensor) -> dict[str, torch.Tensor]:
         """Given :meth:`row_sums`, each piece's row sums that make its block means the whole
-        blocks' means: ``mean_{block(r)} * row_numel(piece)`` for its row ``r``."""
+        blocks' means: a whole piece's rows' own sums; otherwise ``mean_{block(r)} *
+        row_numel(piece)`` for its row ``r``."""
         offsets = self._row_offsets()
-        held = {piece.param_name for piece in self.pieces}
+        cut = {piece.param_name for piece in self.pieces if not piece.whole}
         per_row = {}
         for (name, layout), first, end in zip(self.params, offsets, offsets[1:]):
-            if name not in held:
-                continue
-            rows = total[first:end]
-            means = layout.blocks_from_row_sums(rows.reshape(layout.row_shape))
-            per_row[name] = layout.expand(means).reshape(-1)
-        return {piece.name: (per_row[piece.param_name][piece.rows] * piece.layout.row_numel
-                             ).reshape(piece.layout.row_shape) for piece in self.pieces}
+            if name in cut:
+                means = layout.blocks_from_row_sums(total[first:end].reshape(layout.row_shape))
+                per_row[name] = layout.expand(means).reshape(-1)
+        return {piece.name: (total[rows] if piece.whole else
+                             per_row[piece.param_name][piece.rows] * piece.layout.row_numel
+                             ).view(piece.layout.row_shape)
+                for piece, rows in zip(self.pieces, self._rows_in_total())}
 
     def views(self, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every piece's view of a partition-sized tensor (the partition, its gradient, ``m``)."""
@@ -107,6 +120,12 @@ class FlatPartition(NamedTuple):
     def v_views(self, v: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every piece's view of the partition's ``v`` (shape ``(v_numel,)``)."""
         return {piece.name: v[piece.v].view(piece.layout.v_shape) for piece in self.pieces}
+
+    def _rows_in_total(self) -> list[slice]:
+        """Each piece's rows in :meth:`row_sums`' result."""
+        starts = dict(zip((name for name, _ in self.params), self._row_offsets()))
+        return [slice(starts[piece.param_name] + piece.rows.start,
+                      starts[piece.param_name] + piece.rows.stop) for piece in self.pieces]
 
     def _row_offsets(self) -> list[int]:
         offsets = [0]
@@ -142,9 +161,27 @@ def _flat_partition(name: str, fragments: tuple[Fragment, ...],
             first = fragment.start + offset - fragment.offset
             pieces.append(Piece(f"{fragment.name}[{first}:{first + _numel(shape)}]",
                                 fragment.name, offset, shape, rows, layout,
-                                slice(v_numel, v_numel + layout.num_blocks)))
+                                slice(v_numel, v_numel + layout.num_blocks),
+                                _whole(layouts[fragment.name], shape, rows)))
             v_numel += layout.num_blocks
     return FlatPartition(name, params, tuple(pieces), v_numel, process_group)
+
+
+def _whole(layout: BlockLayout, shape: tuple[int, ...], rows: slice) -> bool:
+    """Whether a piece of ``shape`` holding ``layout``'s rows ``rows`` holds them whole, and
+    whole blocks: it starts and ends on block edges."""
+    return (_numel(shape) == (rows.stop - rows.start) * layout.row_numel
+            and _on_edge(layout.runs, rows.start) and _on_edge(layout.runs, rows.stop))
+
+
+def _on_edge(runs: Runs, row: int) -> bool:
+    """Whether ``row`` is where a block of ``runs`` starts (or the end of the last)."""
+    start = 0
+    for length, count in runs:
+        if start <= row <= start + length * count and (row - start) % length == 0:
+            return True
+        start += length * count
+    return row == 0
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -29,8 +29,18 @@ from ..state import chain_step
 from .kernel import StepKernel, SumsKernel, scalars_for, takes
 
 
+class PieceViews(NamedTuple):
+    """A flat member's pieces (piece name -> view) of its partition, gradient, ``m`` and ``v``."""
+
+    params: dict[str, torch.Tensor]
+    grads: dict[str, torch.Tensor]
+    m: dict[str, torch.Tensor]
+    v: dict[str, torch.Tensor]
+
+
 class FlatWork(NamedTuple):
     members: list[Member]
+    views: list[PieceViews]  # a member's pieces, cut once per step
     shapes: dict[str, tuple[int, ...]]  # parameter name -> its shape (for the decay mask)
 
 
@@ -50,15 +60,30 @@ class FlatBackend:
 
     def prepare(self, members: Sequence[Member], layouts: Mapping[str, BlockLayout],
                 hyper: Hyper) -> FlatWork:
-        return FlatWork(list(members), {name: layout.shape for member in members
-                                        for name, layout in member.partition.params})
+        views = [PieceViews(*(m.partition.views(t) for t in (m.param, m.grad, m.state["m"])),
+                            m.partition.v_views(m.state["v"])) for m in members]
+        return FlatWork(list(members), views, {name: layout.shape for member in members
+                                               for name, layout in member.partition.params})
 
     def row_sums(self, work: FlatWork) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
-        sums = {member.name: member.partition.row_sums(
-                    member.grad, member.state["v"].dtype,
-                    self._piece_sums if self._sums_in_kernel(member) else None)
-                for member in work.members}
+        sums = {member.name: self._member_sums(member, views)
+                for member, views in zip(work.members, work.views)}
         return sums, [torch.isfinite(torch.cat(list(sums.values()))).all()] if sums else []
+
+    def _member_sums(self, member: Member, views: PieceViews) -> torch.Tensor:
+        return member.partition.row_sums(member.grad, member.state["v"].dtype,
+                                         self._piece_sums if self._sums_in_kernel(member) else None,
+                                         views.grads)
+
+    def _given(self, member: Member, views: PieceViews,
+               sums: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        """The pieces' row sums for the step: from the statistics pass (``sums``); made here
+        where there was none (``nonfinite="apply"``), unless each piece's own ``g*g`` gives its
+        blocks' statistics (then none: the step sums them)."""
+        if sums is None and member.partition.self_contained:
+            return {}
+        return member.partition.piece_row_sums(
+            self._member_sums(member, views) if sums is None else sums[member.name])
 
     def _sums_in_kernel(self, member: Member) -> bool:
         """Whether the kernel's statistics pass can sum this partition's pieces (fp32 sums)."""
@@ -76,21 +101,19 @@ class FlatBackend:
 
     def apply(self, work: FlatWork, hyper: Hyper, sums: Mapping[str, torch.Tensor] | None,
               written: list[Member]) -> None:
-        sums = self.row_sums(work)[0] if sums is None else sums
         mask = DECAY_MASKS[hyper.decay_mask]
-        for member in work.members:
+        for member, views in zip(work.members, work.views):
             partition = member.partition
             labels = {piece.name: mask(piece.param_name, torch.empty(
                 work.shapes[piece.param_name], device="meta")) for piece in partition.pieces}
-            params, grads = partition.views(member.param), partition.views(member.grad)
-            m, v = partition.views(member.state["m"]), partition.v_views(member.state["v"])
-            given = partition.piece_row_sums(sums[member.name])
+            params, grads, m, v = views
+            given = self._given(member, views, sums)
             layouts = {piece.name: piece.layout for piece in partition.pieces}
             if self.kernel is not None and all(
                     takes(params[n], grads[n], m[n], v[n], layouts[n]) for n in params):
                 count = int(member.state["step"]) + 1
                 self.kernel([KernelMember(n, params[n], grads[n], m[n], None, v[n],
-                                          given[n].contiguous(), *geometry(layouts[n]),
+                                          given.get(n), *geometry(layouts[n]),
                                           hyper.weight_decay != 0 and labels[n] == "decay", None)
                              for n in params],
                             scalars_for(hyper, count))
@@ -103,7 +126,7 @@ class FlatBackend:
                 with donating(self.workspace):
                     updates, _ = chain_step(tx, {n: params[n] for n in chunk},
                                             {n: grads[n] for n in chunk}, slots,
-                                            {n: given[n] for n in chunk})
+                                            {n: given[n] for n in chunk if n in given})
                 for name in chunk:
                     params[name].add_(to_dtype(updates[name], params[name].dtype))
             written.append(member)
