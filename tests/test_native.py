@@ -36,6 +36,8 @@ def layouts() -> dict[str, blocks.BlockLayout]:
         "kv_heads": blocks.per_head((2 * 16, 40), 2),
         "qkv": blocks.fused_rows((160, 48), [("q", 4), ("k", 2), ("v", 32)],
                                  rows_per_segment=[64, 64, 32]),
+        "interleaved": blocks.fused_rows((48, 40), [("o", 8), ("h", 2)], rows_per_segment=[8, 16],
+                                         repeat=2),  # rows, heads, rows, heads: 1, 8, 1, 8 rows
         "conv1d": blocks.per_row((512, 384), transposed=True),  # int8: 2 groups of 192 a row
         "conv1d_heads": blocks.fused_rows((64, 3 * 96), [("q", 3), ("k", 3), ("v", 96)],
                                           transposed=True),

@@ -134,19 +134,55 @@ double sum_of_squares(const T* x, int64_t n) {
   return total;
 }
 
+// Element i of a float or bf16 m: m <- lerp(m, g, 1 - b1), then p (BlockRule's step value).
+template <typename V, typename P, typename M>
+inline void update_element(P* p, const P* g, M* m, int64_t i, int64_t index0, float step,
+                           const Scalars& s, const Element& e) {
+  const float old = load(m[i]);
+  const float value = std::fma(s.w1, load(g[i]) - old, old);  // ATen's lerp
+  store(m[i], value, index0 + i, e.key);
+  BlockRule<V>::param(p[i], load(p[i]), e.reread ? load(m[i]) : value, step, s, e);
+}
+
 // One span of elements [0, n) of a float or bf16 m; `step` (BlockRule's block value) is per
 // element when kPerElement.
 template <bool kPerElement, typename V, typename P, typename M>
 void update_span(P* p, const P* g, M* m, int64_t n, int64_t index0, const float* step,
                  const Scalars& s, const Element& e) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    const float old = load(m[i]);
-    const float value = std::fma(s.w1, load(g[i]) - old, old);  // ATen's lerp
-    store(m[i], value, index0 + i, e.key);
-    BlockRule<V>::param(p[i], load(p[i]), e.reread ? load(m[i]) : value,
-                        kPerElement ? step[i] : step[0], s, e);
+  for (int64_t i = 0; i < n; ++i)
+    update_element<V>(p, g, m, i, index0, kPerElement ? step[i] : step[0], s, e);
+}
+
+// update_span over [0, n) with one step, in the same loop as the sum of squares of the next
+// block's [0, n_next) (as sum_of_squares: fp32 over 1024 elements, then double), returned: p, m
+// and the next g stream from memory together, and this block's g is in cache (its sum was taken
+// during the previous block's update).
+template <typename V, typename P, typename M>
+double update_summing_next(P* p, const P* g, M* m, int64_t n, int64_t index0, float step,
+                           const P* next, int64_t n_next, const Scalars& s, const Element& e) {
+  double total = 0.0;
+  const int64_t longest = std::max(n, n_next);
+  for (int64_t begin = 0; begin < longest; begin += 1024) {
+    const int64_t end = std::min(longest, begin + 1024);
+    const int64_t both = std::clamp(std::min(n, n_next), begin, end);
+    float partial = 0.f;
+#pragma omp simd reduction(+ : partial)
+    for (int64_t i = begin; i < both; ++i) {
+      const float value = load(next[i]);
+      partial += value * value;
+      update_element<V>(p, g, m, i, index0, step, s, e);
+    }
+    const int64_t sum_end = std::min(end, n_next);
+#pragma omp simd reduction(+ : partial)
+    for (int64_t i = both; i < sum_end; ++i) partial += load(next[i]) * load(next[i]);
+    const int64_t update_end = std::min(end, n);
+#pragma omp simd
+    for (int64_t i = both; i < update_end; ++i)
+      update_element<V>(p, g, m, i, index0, step, s, e);
+    total += partial;
   }
+  return total;
 }
 
 // One int8 group [0, n): codes and its scale read, updated, requantized (blockwise absmax).
@@ -243,6 +279,32 @@ void for_each_block(const Member& mb, const Tile& tile, Visit&& visit) {
   }
 }
 
+// Rows of a float or bf16 m without given sums, software-pipelined: block k is updated in the
+// loop that sums block k+1's g*g (update_summing_next); v of a block is updated just before its
+// elements, as in rows_tile.
+template <typename P, typename M, typename V>
+void rows_tile_pipelined(const Member& mb, const Tile& tile, const Scalars& s) {
+  P* p = static_cast<P*>(mb.p);
+  const P* g = static_cast<const P*>(mb.g);
+  M* m = static_cast<M*>(mb.m);
+  V* v = static_cast<V*>(mb.v);
+  int64_t begin = 0, n = 0, block = -1;  // the block whose sum is taken and update is due
+  double sum = 0.0;
+  auto finish = [&](const P* next, int64_t n_next) {
+    const float step = BlockRule<V>::block(v[block], sum / static_cast<double>(n), s);
+    return update_summing_next<V>(p + begin, g + begin, m + begin, n, begin, step, next,
+                                  n_next, s, mb.element);
+  };
+  for_each_block(mb, tile, [&](int64_t row, int64_t length, int64_t next_block) {
+    const int64_t next_begin = row * mb.row_numel, next_n = length * mb.row_numel;
+    sum = block < 0 ? sum_of_squares(g + next_begin, next_n) : finish(g + next_begin, next_n);
+    begin = next_begin;
+    n = next_n;
+    block = next_block;
+  });
+  if (block >= 0) finish(g, 0);
+}
+
 // Rows: per block, pass A (or the given sums), v, then pass B over its rows.
 template <typename P, typename M, typename V>
 void rows_tile(const Member& mb, const Tile& tile, const Scalars& s) {
@@ -250,6 +312,9 @@ void rows_tile(const Member& mb, const Tile& tile, const Scalars& s) {
   const P* g = static_cast<const P*>(mb.g);
   M* m = static_cast<M*>(mb.m);
   V* v = static_cast<V*>(mb.v);
+  if constexpr (!std::is_same_v<M, int8_t>) {
+    if (!mb.row_sums) return rows_tile_pipelined<P, M, V>(mb, tile, s);
+  }
   const int64_t groups = (mb.last + mb.group - 1) / mb.group;
   for_each_block(mb, tile, [&](int64_t row, int64_t length, int64_t block) {
     const int64_t begin = row * mb.row_numel, n = length * mb.row_numel;
