@@ -120,6 +120,27 @@ def test_kernel_equals_the_chain_for_every_layout_and_format(fmt, rounding, give
                 assert torch.equal(state["m_scale"], slots[name]["m_scale"]), name
 
 
+@pytest.mark.parametrize("rounding", [True, False])
+def test_bf16_m_rounds_nan_infinities_overflow_and_subnormals_as_the_chain(rounding):
+    """The kernel's bf16 rounding (a branch-free copy of c10's) on the values it must get right:
+    NaN, infinities, finite values that round up to infinity, subnormals; ``m``'s bits equal
+    the chain's (a NaN's payload aside), and ``p`` is NaN in the same places."""
+    layout = blocks.per_row((4, 64))
+    generator = torch.Generator().manual_seed(5)
+    p0, grads = tensors(layout.shape, generator, 3)
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), 3.4e38, -3.4e38, 1e-40,
+                            -1e-40, 3.3e38])
+    grads[-1].view(-1)[:special.numel()] = special  # the last step: m keeps the infinities
+    grads[-1].view(-1)[-special.numel():] = special / 0.1  # overflows in the lerp's product
+    params, slots = kernel_run({"w": (layout, p0, grads)}, 3, "bfloat16", rounding, 0.0, False)
+    p, state = chain_run(layout, p0, grads, "w", "bfloat16", rounding, 0.0)
+    expected, got = state["m"], slots["w"]["m"]
+    assert torch.equal(expected.isnan(), got.isnan()) and expected.isinf().any()
+    finite = ~expected.isnan()
+    assert torch.equal(expected[finite].view(torch.int16), got[finite].view(torch.int16))
+    assert torch.equal(p.isnan(), params["w"].isnan()) and p.isnan().any()
+
+
 # ----- AdamMini with the native step against AdamMini(native=False), the eager chain -----------
 def gpt2_with_experts():
     transformers = pytest.importorskip("transformers")

@@ -58,12 +58,24 @@ inline uint32_t noise_bits(int64_t index, int64_t key) {  // 24 random bits of e
   return (static_cast<uint32_t>(index) * kGolden + static_cast<uint32_t>(key)) & 0xFFFFFFu;
 }
 
-inline BFloat16 to_bf16(float x, int64_t index, int64_t key) {
-  if (key < 0 || !std::isfinite(x)) return BFloat16(x);  // to nearest (even)
+// The bits of x rounded to the nearest bf16, ties to even (NaN: 0x7FC0), as c10::BFloat16(x)
+// rounds it, but without a branch or 16-bit selects, so that the loops calling it vectorize.
+inline uint32_t nearest_bf16_bits(float x) {
   uint32_t bits;
   std::memcpy(&bits, &x, sizeof bits);
-  bits = (bits + (noise_bits(index, key) >> 8)) & 0xFFFF0000u;
-  return BFloat16(static_cast<uint16_t>(bits >> 16), BFloat16::from_bits());
+  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  return std::isnan(x) ? 0x7FC0u : rounded;
+}
+
+// x in bf16: stochastically rounded with element `index`'s noise, or to nearest (key < 0, and
+// for NaN and infinities).
+inline BFloat16 to_bf16(float x, int64_t index, int64_t key) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  const uint32_t noisy = (bits + (noise_bits(index, key) >> 8)) >> 16;
+  const bool nearest = key < 0 || !std::isfinite(x);
+  return BFloat16(static_cast<uint16_t>(nearest ? nearest_bf16_bits(x) : noisy),
+                  BFloat16::from_bits());
 }
 
 inline void store(float& out, float x, int64_t, int64_t) { out = x; }
@@ -71,7 +83,12 @@ inline void store(BFloat16& out, float x, int64_t index, int64_t key) {
   out = to_bf16(x, index, key);
 }
 
-inline float bf16(float x) { return static_cast<float>(BFloat16(x)); }  // rounded to nearest
+inline float bf16(float x) {  // rounded to nearest
+  const uint32_t bits = nearest_bf16_bits(x) << 16;
+  float out;
+  std::memcpy(&out, &bits, sizeof out);
+  return out;
+}
 
 // How a block's v and its elements' p are updated, by the dtype V of v (the state's dtype).
 // fp32 v: one value per block, step = lr / (c1 d), and p <- p - (step m + lr wd p), rounded once
@@ -88,7 +105,7 @@ struct BlockRule {
   static void param(P& out, float p, float m, float step, const Scalars&, const Element& e) {
     const float update = -(step * m + e.lr_wd * p);
     if constexpr (std::is_same_v<P, BFloat16>) {
-      out = BFloat16(p + bf16(update));
+      store(out, p + bf16(update), 0, -1);
     } else {
       out = p + update;
     }
@@ -103,7 +120,7 @@ struct BlockRule<BFloat16> {
   static float block(BFloat16& v, double mean, const Scalars& s) {
     const float fresh = bf16(static_cast<float>(mean * s.one_minus_b2));
     const float value = bf16(bf16(load(v) * s.b2) + fresh);
-    v = BFloat16(value);
+    store(v, value, 0, -1);
     const float shifted = s.eps_root_c2_bf16 != 0.f ? bf16(value + s.eps_root_c2_bf16) : value;
     return bf16(bf16(bf16(std::sqrt(shifted)) / s.root_c2_bf16) + s.eps);
   }
@@ -114,7 +131,7 @@ struct BlockRule<BFloat16> {
     u = bf16(u / denominator);
     if (e.lr_wd != 0.f) u = bf16(u + s.wd_bf16 * p);
     u = bf16(u * s.neg_lr);
-    out = P(p + u);
+    store(out, p + u, 0, -1);
   }
 };
 
@@ -134,14 +151,18 @@ double sum_of_squares(const T* x, int64_t n) {
   return total;
 }
 
-// Element i of a float or bf16 m: m <- lerp(m, g, 1 - b1), then p (BlockRule's step value).
-template <typename V, typename P, typename M>
+// Element i of a float or bf16 m: m <- lerp(m, g, 1 - b1), then p (BlockRule's step value)
+// from m as stored (kReread) or as computed. (kReread is a template argument: a select on a
+// loop-invariant bool keeps GCC from vectorizing the bf16 loops.)
+template <typename V, bool kReread, typename P, typename M>
 inline void update_element(P* p, const P* g, M* m, int64_t i, int64_t index0, float step,
                            const Scalars& s, const Element& e) {
   const float old = load(m[i]);
   const float value = std::fma(s.w1, load(g[i]) - old, old);  // ATen's lerp
-  store(m[i], value, index0 + i, e.key);
-  BlockRule<V>::param(p[i], load(p[i]), e.reread ? load(m[i]) : value, step, s, e);
+  M stored;
+  store(stored, value, index0 + i, e.key);
+  m[i] = stored;
+  BlockRule<V>::param(p[i], load(p[i]), kReread ? load(stored) : value, step, s, e);
 }
 
 // One span of elements [0, n) of a float or bf16 m; `step` (BlockRule's block value) is per
@@ -149,9 +170,15 @@ inline void update_element(P* p, const P* g, M* m, int64_t i, int64_t index0, fl
 template <bool kPerElement, typename V, typename P, typename M>
 void update_span(P* p, const P* g, M* m, int64_t n, int64_t index0, const float* step,
                  const Scalars& s, const Element& e) {
+  if (e.reread) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i)
-    update_element<V>(p, g, m, i, index0, kPerElement ? step[i] : step[0], s, e);
+    for (int64_t i = 0; i < n; ++i)
+      update_element<V, true>(p, g, m, i, index0, kPerElement ? step[i] : step[0], s, e);
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i)
+      update_element<V, false>(p, g, m, i, index0, kPerElement ? step[i] : step[0], s, e);
+  }
 }
 
 // update_span over [0, n) with one step, in the same loop as the sum of squares of the next
@@ -171,7 +198,7 @@ double update_summing_next(P* p, const P* g, M* m, int64_t n, int64_t index0, fl
     for (int64_t i = begin; i < both; ++i) {
       const float value = load(next[i]);
       partial += value * value;
-      update_element<V>(p, g, m, i, index0, step, s, e);
+      update_element<V, true>(p, g, m, i, index0, step, s, e);
     }
     const int64_t sum_end = std::min(end, n_next);
 #pragma omp simd reduction(+ : partial)
@@ -179,7 +206,7 @@ double update_summing_next(P* p, const P* g, M* m, int64_t n, int64_t index0, fl
     const int64_t update_end = std::min(end, n);
 #pragma omp simd
     for (int64_t i = both; i < update_end; ++i)
-      update_element<V>(p, g, m, i, index0, step, s, e);
+      update_element<V, true>(p, g, m, i, index0, step, s, e);
     total += partial;
   }
   return total;
@@ -283,11 +310,8 @@ void for_each_block(const Member& mb, const Tile& tile, Visit&& visit) {
 // loop that sums block k+1's g*g (update_summing_next); v of a block is updated just before its
 // elements, as in rows_tile.
 template <typename P, typename M, typename V>
-void rows_tile_pipelined(const Member& mb, const Tile& tile, const Scalars& s) {
-  P* p = static_cast<P*>(mb.p);
-  const P* g = static_cast<const P*>(mb.g);
-  M* m = static_cast<M*>(mb.m);
-  V* v = static_cast<V*>(mb.v);
+void rows_tile_pipelined(const Member& mb, const Tile& tile, P* p, const P* g, M* m, V* v,
+                         const Scalars& s) {
   int64_t begin = 0, n = 0, block = -1;  // the block whose sum is taken and update is due
   double sum = 0.0;
   auto finish = [&](const P* next, int64_t n_next) {
@@ -312,8 +336,8 @@ void rows_tile(const Member& mb, const Tile& tile, const Scalars& s) {
   const P* g = static_cast<const P*>(mb.g);
   M* m = static_cast<M*>(mb.m);
   V* v = static_cast<V*>(mb.v);
-  if constexpr (!std::is_same_v<M, int8_t>) {
-    if (!mb.row_sums) return rows_tile_pipelined<P, M, V>(mb, tile, s);
+  if constexpr (std::is_same_v<M, float>) {
+    if (!mb.row_sums) return rows_tile_pipelined(mb, tile, p, g, m, v, s);
   }
   const int64_t groups = (mb.last + mb.group - 1) / mb.group;
   for_each_block(mb, tile, [&](int64_t row, int64_t length, int64_t block) {
