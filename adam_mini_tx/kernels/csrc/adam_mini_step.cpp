@@ -185,7 +185,7 @@ void update_span(P* p, const P* g, M* m, int64_t n, int64_t index0, const float*
 // block's [0, n_next) (as sum_of_squares: fp32 over 1024 elements, then double), returned: p, m
 // and the next g stream from memory together, and this block's g is in cache (its sum was taken
 // during the previous block's update).
-template <typename V, typename P, typename M>
+template <typename V, bool kReread, typename P, typename M>
 double update_summing_next(P* p, const P* g, M* m, int64_t n, int64_t index0, float step,
                            const P* next, int64_t n_next, const Scalars& s, const Element& e) {
   double total = 0.0;
@@ -198,7 +198,7 @@ double update_summing_next(P* p, const P* g, M* m, int64_t n, int64_t index0, fl
     for (int64_t i = begin; i < both; ++i) {
       const float value = load(next[i]);
       partial += value * value;
-      update_element<V, true>(p, g, m, i, index0, step, s, e);
+      update_element<V, kReread>(p, g, m, i, index0, step, s, e);
     }
     const int64_t sum_end = std::min(end, n_next);
 #pragma omp simd reduction(+ : partial)
@@ -206,7 +206,7 @@ double update_summing_next(P* p, const P* g, M* m, int64_t n, int64_t index0, fl
     const int64_t update_end = std::min(end, n);
 #pragma omp simd
     for (int64_t i = both; i < update_end; ++i)
-      update_element<V, true>(p, g, m, i, index0, step, s, e);
+      update_element<V, kReread>(p, g, m, i, index0, step, s, e);
     total += partial;
   }
   return total;
@@ -316,8 +316,11 @@ void rows_tile_pipelined(const Member& mb, const Tile& tile, P* p, const P* g, M
   double sum = 0.0;
   auto finish = [&](const P* next, int64_t n_next) {
     const float step = BlockRule<V>::block(v[block], sum / static_cast<double>(n), s);
-    return update_summing_next<V>(p + begin, g + begin, m + begin, n, begin, step, next,
-                                  n_next, s, mb.element);
+    return mb.element.reread
+               ? update_summing_next<V, true>(p + begin, g + begin, m + begin, n, begin, step,
+                                              next, n_next, s, mb.element)
+               : update_summing_next<V, false>(p + begin, g + begin, m + begin, n, begin, step,
+                                               next, n_next, s, mb.element);
   };
   for_each_block(mb, tile, [&](int64_t row, int64_t length, int64_t next_block) {
     const int64_t next_begin = row * mb.row_numel, next_n = length * mb.row_numel;
@@ -336,7 +339,7 @@ void rows_tile(const Member& mb, const Tile& tile, const Scalars& s) {
   const P* g = static_cast<const P*>(mb.g);
   M* m = static_cast<M*>(mb.m);
   V* v = static_cast<V*>(mb.v);
-  if constexpr (std::is_same_v<M, float>) {
+  if constexpr (!std::is_same_v<M, int8_t>) {
     if (!mb.row_sums) return rows_tile_pipelined(mb, tile, p, g, m, v, s);
   }
   const int64_t groups = (mb.last + mb.group - 1) / mb.group;
