@@ -15,8 +15,6 @@ cannot be faster than AdamW.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from typing import Callable
 
 import torch
@@ -27,6 +25,7 @@ from adam_mini_tx.optim.backends.kernel import scalars_for
 from adam_mini_tx.optim.hyperparams import read_hyperparameters
 from adam_mini_tx.optim.members import Member
 from bench_step import llama_model
+from timing import interleaved_medians
 
 
 def kernel_passes(model: torch.nn.Module) -> dict[str, tuple[Callable[[], object], int, int]]:
@@ -74,23 +73,16 @@ def main() -> None:
     passes = {"torch AdamW(fused=True)": (adamw.step, 16, 12), **passes,
               "torch g.sum() (read only)": (lambda: [g.sum() for g in grads], 4, 0),
               "torch g.mul_(1) (in place)": (lambda: [g.mul_(1.0) for g in grads], 4, 4)}
-    times: dict[str, list[float]] = {name: [] for name in passes}
-    with torch.no_grad():
-        for call, _, _ in passes.values():
-            call()
-        for _ in range(args.rounds):
-            for name, (call, _, _) in passes.items():
-                start = time.perf_counter()
-                call()
-                times[name].append(time.perf_counter() - start)
+    times = interleaved_medians({name: call for name, (call, _, _) in passes.items()},
+                                args.rounds)
     n = sum(p.numel() for p in params)
-    base = statistics.median(times["torch AdamW(fused=True)"])
+    base = times["torch AdamW(fused=True)"]
     print(f"{args.size}: {n / 1e6:.1f}M fp32 params, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, {args.rounds} rounds (medians)\n")
     print("| pass | reads B/param | writes B/param | ms | x AdamW fused | read GB/s |")
     print("|---|---|---|---|---|---|")
     for name, (_, reads, writes) in passes.items():
-        median = statistics.median(times[name])
+        median = times[name]
         print(f"| {name} | {reads} | {writes} | {1e3 * median:.1f} | {median / base:.2f} | "
               f"{reads * n / median / 1e9:.1f} |")
 

@@ -9,7 +9,10 @@ every piece's block statistic the whole block's (``FlatPartition.piece_row_sums`
 (donated), in calls of at most ``PIECE_ELEMENTS`` elements (one chunk's temporaries), with each
 piece's weight decay decided by its parameter's name and shape. Where the native kernel is
 loaded and takes every piece (CPU tensors: ZeRO-Offload), one kernel call steps all of a
-partition's pieces instead, with the same row sums.
+partition's pieces instead, with the same row sums. With ``nonfinite="apply"`` there is no
+statistics pass; a partition then sums its own, unless it is
+:attr:`~adam_mini_tx.distributed.FlatPartition.self_contained` (one rank, whole blocks): then
+each piece's step sums its own ``g*g`` (the kernel's single pass).
 """
 from __future__ import annotations
 
