@@ -1,10 +1,13 @@
 // The single-pass Adam-mini step on the CPU: adam_mini_tx/kernels/spec.py states the math.
 //
 // Every parameter is cut into tiles of whole blocks (about kTileElements elements: a tile's p, g
-// and m stay in the core's L2 cache). A tile is read from memory once: pass A sums g*g per block
-// (skipped when the statistics pass gave row sums), v is updated, and pass B updates m and p
-// over the same addresses while they are still in cache. Tiles of all parameters are shared out
-// among the intra-op threads.
+// and m stay in the core's L2 cache), and each is read from memory once. Rows (and heads) are
+// software-pipelined: block k's v is updated from its sum of g*g, then one loop updates block
+// k's m and p while it sums block k+1's g*g, so p, m and the next g stream together and a
+// block's g is in cache when it is updated (rows_tile_pipelined). Given row sums (from the
+// statistics pass), int8 m, columns and elementwise tiles sum a block's g*g first (pass A),
+// then update it (pass B) over the same addresses. Tiles of all parameters are shared out among
+// the intra-op threads.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
