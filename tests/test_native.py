@@ -120,6 +120,31 @@ def test_kernel_equals_the_chain_for_every_layout_and_format(fmt, rounding, give
                 assert torch.equal(state["m_scale"], slots[name]["m_scale"]), name
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_statistics_pass_equals_torch_row_sums_and_finds_a_nan_in_every_layout(dtype):
+    """``row_sums_`` (the non-finite check's pass) against ``BlockLayout.row_sums_of_squares`` for
+    every layout kind in one call (Conv1D columns over several bands); a NaN in any one member's
+    gradient makes it report non-finite."""
+    generator = torch.Generator().manual_seed(3)
+    members = {name: (layout, torch.randn(layout.shape, generator=generator).to(dtype))
+               for name, layout in layouts().items()}
+
+    def kernel_members(grads):
+        return [KernelMember(name, g, g, g, None, g, None, *geometry(layout), False, None)
+                for name, (layout, _), g in zip(members, members.values(), grads)]
+
+    grads = [g for _, g in members.values()]
+    sums, finite = native.row_sums_(kernel_members(grads))
+    assert finite
+    for (name, (layout, g)), got in zip(members.items(), sums):
+        expected = layout.row_sums_of_squares(g.double(), torch.float64).reshape(-1)
+        assert relative(expected, got) < 1e-6, name  # fp32 partial sums of at most 1024 terms
+    for index, name in enumerate(members):
+        poisoned = [g.clone() for g in grads]
+        poisoned[index].view(-1)[poisoned[index].numel() // 2] = float("nan")
+        assert not native.row_sums_(kernel_members(poisoned))[1], name
+
+
 @pytest.mark.parametrize("rounding", [True, False])
 def test_bf16_m_rounds_nan_infinities_overflow_and_subnormals_as_the_chain(rounding):
     """The kernel's bf16 rounding (a branch-free copy of c10's) on the values it must get right:

@@ -252,9 +252,11 @@ struct Member {
   void* v;
   const void* row_sums;  // nullptr: pass A computes the sums
   bool sums_double;
+  bool g_bf16;
   int64_t mode, row_numel, last, group;
   Element element;
   std::vector<std::pair<int64_t, int64_t>> runs;  // (rows per block, blocks)
+  std::vector<float> column_steps;  // columns: each column's block step (BlockRule::block)
 };
 
 struct Tile {
@@ -272,11 +274,18 @@ double given_sum(const Member& mb, int64_t row, int64_t rows) {
   return total;
 }
 
-// Tiles of whole blocks. Rows: a row is row_numel contiguous elements; columns: a column of an
-// (in, out) tensor; elementwise: one element. An int8 m also keeps its groups whole.
+// Tiles of whole blocks. Rows: a row is row_numel contiguous elements; elementwise: one element
+// (an int8 m also keeps its groups whole). Columns (the columns of an (in, out) tensor): bands of
+// whole rows of the tensor (see columns_tile).
 void cut(const Member& mb, int64_t index, std::vector<Tile>& tiles) {
+  if (mb.mode == kColumns) {  // bands of whole rows of the (in, out) tensor
+    const int64_t in = mb.row_numel, band = std::max<int64_t>(1, kTileElements / mb.last);
+    for (int64_t row = 0; row < in; row += band)
+      tiles.push_back({index, 0, 0, 0, row, std::min(in, row + band)});
+    return;
+  }
   const int64_t per_row = mb.mode == kElementwise ? 1 : mb.row_numel;
-  const bool grouped = mb.scales != nullptr && mb.mode != kRows;  // rows hold whole groups
+  const bool grouped = mb.scales != nullptr && mb.mode == kElementwise;  // rows hold whole groups
   int64_t row = 0, block = 0;
   Tile open{index, 0, 0, 0, 0, 0};
   for (int64_t run = 0; run < static_cast<int64_t>(mb.runs.size()); ++run) {
@@ -387,44 +396,83 @@ void update_line(const Member& mb, int64_t begin, int64_t n, const float* steps,
   }
 }
 
-// Sums of squares of the tile's columns of a contiguous (in, out) tensor, in double (fp32 over
-// 256 rows at a time).
+// Columns of a contiguous (in, out) tensor, whose blocks are groups of columns: a column's sum
+// needs every row, so its tiles are bands of whole rows. The sums come first (given, or
+// column_sums over all bands), then each block's v and step (columns_steps), then each band
+// updates its rows with the per-column steps (columns_tile): p, g and m are read in order.
+
+// Adds the band's sums of squares per column to sums[0, out) (fp32 over 256 rows at a time).
 template <typename P>
-std::vector<double> column_sums(const Member& mb, const Tile& tile) {
+void band_sums(const Member& mb, const Tile& band, double* sums) {
   const P* g = static_cast<const P*>(mb.g);
-  const int64_t in = mb.row_numel, width = tile.end_row - tile.row;
-  std::vector<double> sums(width, 0.0);
-  std::vector<float> partial(width);
-  for (int64_t i0 = 0; i0 < in; i0 += 256) {
+  const int64_t out = mb.last;
+  std::vector<float> partial(out);
+  for (int64_t i0 = band.row; i0 < band.end_row; i0 += 256) {
     std::fill(partial.begin(), partial.end(), 0.f);
-    for (int64_t i = i0; i < std::min(in, i0 + 256); ++i) {
-      const P* line = g + i * mb.last + tile.row;
+    for (int64_t i = i0; i < std::min(band.end_row, i0 + 256); ++i) {
+      const P* line = g + i * out;
 #pragma omp simd
-      for (int64_t c = 0; c < width; ++c) partial[c] += load(line[c]) * load(line[c]);
+      for (int64_t c = 0; c < out; ++c) partial[c] += load(line[c]) * load(line[c]);
     }
-    for (int64_t c = 0; c < width; ++c) sums[c] += partial[c];
+    for (int64_t c = 0; c < out; ++c) sums[c] += partial[c];
+  }
+}
+
+// Each columns member's sums of squares per column over all its bands (the bands in parallel,
+// their partial sums added in order); empty for other members and, with skip_given, for members
+// whose row sums are given.
+std::vector<std::vector<double>> column_sums(const std::vector<Member>& members,
+                                             const std::vector<Tile>& tiles, bool skip_given) {
+  std::vector<std::pair<const Tile*, int64_t>> bands;  // a band, and its partial sums' offset
+  int64_t size = 0;
+  for (const Tile& tile : tiles) {
+    const Member& mb = members[tile.member];
+    if (mb.mode == kColumns && !(skip_given && mb.row_sums)) {
+      bands.emplace_back(&tile, size);
+      size += mb.last;
+    }
+  }
+  std::vector<double> partial(size, 0.0);
+  at::parallel_for(0, static_cast<int64_t>(bands.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const auto [band, at] = bands[b];
+      const Member& mb = members[band->member];
+      if (mb.g_bf16)
+        band_sums<BFloat16>(mb, *band, partial.data() + at);
+      else
+        band_sums<float>(mb, *band, partial.data() + at);
+    }
+  });
+  std::vector<std::vector<double>> sums(members.size());
+  for (const auto& [band, at] : bands) {
+    std::vector<double>& total = sums[band->member];
+    total.resize(members[band->member].last, 0.0);
+    for (size_t c = 0; c < total.size(); ++c) total[c] += partial[at + c];
   }
   return sums;
 }
 
-// Columns of a contiguous (in, out) tensor: column sums over the tile's columns, then the rows.
-template <typename P, typename M, typename V>
-void columns_tile(const Member& mb, const Tile& tile, const Scalars& s) {
+// Each block's v and step from its columns' sums (given row sums: one per column).
+template <typename V>
+void columns_steps(Member& mb, const std::vector<double>& sums, const Scalars& s) {
   V* v = static_cast<V*>(mb.v);
-  const int64_t out = mb.last, in = mb.row_numel, width = tile.end_row - tile.row;
-  std::vector<double> sums = mb.row_sums ? std::vector<double>(width) : column_sums<P>(mb, tile);
-  if (mb.row_sums) {
-    for (int64_t c = 0; c < width; ++c) sums[c] = given_sum(mb, tile.row + c, 1);
-  }
-  std::vector<float> steps(width);
-  for_each_block(mb, tile, [&](int64_t row, int64_t length, int64_t block) {
+  const int64_t in = mb.row_numel, columns = mb.last;
+  mb.column_steps.assign(columns, 0.f);
+  for_each_block(mb, Tile{0, 0, 0, 0, 0, columns}, [&](int64_t column, int64_t length,
+                                                      int64_t block) {
     double sum = 0.0;
-    for (int64_t c = row; c < row + length; ++c) sum += sums[c - tile.row];
+    for (int64_t c = column; c < column + length; ++c)
+      sum += mb.row_sums ? given_sum(mb, c, 1) : sums[c];
     const float step = BlockRule<V>::block(v[block], sum / static_cast<double>(length * in), s);
-    std::fill(steps.begin() + (row - tile.row), steps.begin() + (row - tile.row + length), step);
+    std::fill(mb.column_steps.begin() + column, mb.column_steps.begin() + column + length, step);
   });
-  for (int64_t i = 0; i < in; ++i)
-    update_line<P, M, V>(mb, i * out + tile.row, width, steps.data(), s);
+}
+
+// A band of rows, with the member's column steps.
+template <typename P, typename M, typename V>
+void columns_tile(const Member& mb, const Tile& band, const Scalars& s) {
+  for (int64_t i = band.row; i < band.end_row; ++i)
+    update_line<P, M, V>(mb, i * mb.last, mb.last, mb.column_steps.data(), s);
 }
 
 // Elementwise blocks (plain Adam): v and the step per element.
@@ -477,6 +525,7 @@ void check(bool ok, const char* what) { TORCH_CHECK(ok, "adam_mini_tx native ste
 Member geometry_of(const at::Tensor& grad, const int64_t* row, const int64_t* pairs) {
   Member mb{};
   mb.g = grad.data_ptr();
+  mb.g_bf16 = grad.scalar_type() == at::kBFloat16;
   mb.mode = row[kMode];
   mb.row_numel = row[kRowNumel];
   mb.last = std::max<int64_t>(row[kLast], 1);
@@ -532,6 +581,14 @@ void step_(at::TensorList params, at::TensorList grads, at::TensorList moments,
     functions[k] = pick(p.scalar_type(), m.scalar_type(), v.scalar_type());
     cut(mb, k, tiles);
   }
+  const std::vector<std::vector<double>> sums = column_sums(members, tiles, true);
+  for (int64_t k = 0; k < count; ++k) {
+    if (members[k].mode != kColumns) continue;
+    if (seconds[k].scalar_type() == at::kBFloat16)
+      columns_steps<BFloat16>(members[k], sums[k], s);
+    else
+      columns_steps<float>(members[k], sums[k], s);
+  }
   at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const Tile& tile = tiles[t];
@@ -540,16 +597,11 @@ void step_(at::TensorList params, at::TensorList grads, at::TensorList moments,
   });
 }
 
-// Row sums of squares of one tile: rows (row_numel contiguous elements), columns, or elements.
+// Row sums of squares of one tile: rows (row_numel contiguous elements) or elements (columns:
+// column_sums).
 template <typename P>
 void sums_tile(const Member& mb, const Tile& tile, float* out) {
   const P* g = static_cast<const P*>(mb.g);
-  const int64_t rows = tile.end_row - tile.row;
-  if (mb.mode == kColumns) {
-    const std::vector<double> sums = column_sums<P>(mb, tile);
-    for (int64_t c = 0; c < rows; ++c) out[tile.row + c] = static_cast<float>(sums[c]);
-    return;
-  }
   if (mb.mode == kElementwise) {
     for (int64_t r = tile.row; r < tile.end_row; ++r) out[r] = load(g[r]) * load(g[r]);
     return;
@@ -583,6 +635,7 @@ bool row_sums_(at::TensorList grads, at::TensorList out, const at::Tensor& meta,
   at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const Tile& tile = tiles[t];
+      if (members[tile.member].mode == kColumns) continue;
       float* sums = out[tile.member].data_ptr<float>();
       if (grads[tile.member].scalar_type() == at::kBFloat16)
         sums_tile<BFloat16>(members[tile.member], tile, sums);
@@ -591,7 +644,16 @@ bool row_sums_(at::TensorList grads, at::TensorList out, const at::Tensor& meta,
       for (int64_t r = tile.row; r < tile.end_row; ++r) finite[t] &= std::isfinite(sums[r]);
     }
   });
-  return std::all_of(finite.begin(), finite.end(), [](char ok) { return ok != 0; });
+  bool all_finite = std::all_of(finite.begin(), finite.end(), [](char ok) { return ok != 0; });
+  const std::vector<std::vector<double>> columns = column_sums(members, tiles, false);
+  for (int64_t k = 0; k < count; ++k) {
+    float* sums = out[k].data_ptr<float>();
+    for (size_t c = 0; c < columns[k].size(); ++c) {
+      sums[c] = static_cast<float>(columns[k][c]);
+      all_finite &= std::isfinite(sums[c]);
+    }
+  }
+  return all_finite;
 }
 
 }  // namespace
