@@ -29,6 +29,7 @@ import torch
 
 from adam_mini_tx import AdamMini
 from adam_mini_tx.demo.model import GPT, GPTConfig
+from timing import interleaved_times
 
 SIZES = {  # name -> (vocab, dim, layers, heads, kv heads, mlp hidden): Llama-shaped
     "25m": (8000, 512, 6, 8, 4, 1376),
@@ -174,18 +175,12 @@ def interleaved_step_times(opts: dict, params: list, grads: list, rounds: int, w
                            device: torch.device) -> dict[str, list[float]]:
     """Seconds of each ``opts[name][1].step()``, the candidates interleaved round by round, the
     gradients ``grads`` assigned before each step; the first ``warmup`` rounds are not kept."""
-    times = {name: [] for name in opts}
-    for round_ in range(warmup + rounds):
-        for name, (_, opt) in opts.items():
-            for p, g in zip(params, grads):
-                p.grad = g
-            synchronize(device)
-            start = time.perf_counter()
-            opt.step()
-            synchronize(device)
-            if round_ >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return times
+    def assign() -> None:
+        for p, g in zip(params, grads):
+            p.grad = g
+
+    return interleaved_times({name: opt.step for name, (_, opt) in opts.items()}, rounds,
+                             warmup, assign, lambda: synchronize(device))
 
 
 def llama_model(size: str) -> GPT:

@@ -4,10 +4,11 @@
 // and m stay in the core's L2 cache), and each is read from memory once. Rows (and heads) are
 // software-pipelined: block k's v is updated from its sum of g*g, then one loop updates block
 // k's m and p while it sums block k+1's g*g, so p, m and the next g stream together and a
-// block's g is in cache when it is updated (rows_tile_pipelined). Given row sums (from the
-// statistics pass), int8 m, columns and elementwise tiles sum a block's g*g first (pass A),
-// then update it (pass B) over the same addresses. Tiles of all parameters are shared out among
-// the intra-op threads.
+// block's g is in cache when it is updated (rows_tile_pipelined). With given row sums (from
+// the statistics pass), an int8 m, or elementwise blocks, a tile sums a block's g*g first (pass
+// A), then updates it (pass B) over the same addresses. The columns of a Conv1D weight need
+// every row first: their sums are taken over bands of rows, then the bands are updated (see
+// columns_tile). Tiles of all parameters are shared out among the intra-op threads.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -637,7 +638,7 @@ bool row_sums_(at::TensorList grads, at::TensorList out, const at::Tensor& meta,
       const Tile& tile = tiles[t];
       if (members[tile.member].mode == kColumns) continue;
       float* sums = out[tile.member].data_ptr<float>();
-      if (grads[tile.member].scalar_type() == at::kBFloat16)
+      if (members[tile.member].g_bf16)
         sums_tile<BFloat16>(members[tile.member], tile, sums);
       else
         sums_tile<float>(members[tile.member], tile, sums);
